@@ -1,0 +1,81 @@
+"""Shared fixtures: real servers, started once per test session.
+
+Each server comes from an environment variable when .ci/run (or a developer) already started one,
+otherwise the fixture starts its own on a free loopback port with a temporary store:
+VIGIL_TEST_NATS_URL, VIGIL_TEST_DATABASE_URL (PostgreSQL), VIGIL_TEST_KEYCLOAK_URL (+ the client
+secrets VIGIL_EHR_CLIENT_SECRET and VIGIL_DEVICE_CLIENT_SECRET it was started with).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from vigil import devservers
+
+
+@pytest.fixture(scope="session")
+def nats_url():
+    if os.environ.get("VIGIL_TEST_NATS_URL"):
+        yield os.environ["VIGIL_TEST_NATS_URL"]
+        return
+    with devservers.start_nats() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    if os.environ.get("VIGIL_TEST_DATABASE_URL"):
+        yield os.environ["VIGIL_TEST_DATABASE_URL"]
+        return
+    with devservers.start_postgres() as server:
+        yield server.url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url):
+    """A new, empty database on the session's PostgreSQL server for one test."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = postgres_url.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass(frozen=True)
+class Keycloak:
+    url: str
+    ehr_secret: str
+    device_secret: str
+
+    @property
+    def issuer(self) -> str:
+        return f"{self.url}/realms/vigil"
+
+    def token(self, client_id: str = "vigil-ehr", secret: str | None = None) -> str:
+        secret = secret or (self.device_secret if client_id.startswith("vigil-device") else self.ehr_secret)
+        data = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": client_id,
+                                       "client_secret": secret}).encode()
+        with urllib.request.urlopen(f"{self.issuer}/protocol/openid-connect/token", data, timeout=10) as r:
+            return json.load(r)["access_token"]
+
+
+@pytest.fixture(scope="session")
+def keycloak():
+    if os.environ.get("VIGIL_TEST_KEYCLOAK_URL"):
+        yield Keycloak(os.environ["VIGIL_TEST_KEYCLOAK_URL"], os.environ["VIGIL_EHR_CLIENT_SECRET"],
+                       os.environ["VIGIL_DEVICE_CLIENT_SECRET"])
+        return
+    ehr, dev = secrets.token_hex(16), secrets.token_hex(16)
+    with devservers.start_keycloak(env={"VIGIL_EHR_CLIENT_SECRET": ehr, "VIGIL_DEVICE_CLIENT_SECRET": dev}) as s:
+        yield Keycloak(s.url, ehr, dev)

@@ -1,0 +1,52 @@
+"""Settings, read from the environment only when a service is wired (never at import time).
+
+Every variable is VIGIL_<NAME>; defaults are the embedded single-machine set-up.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str = "nats://127.0.0.1:4222"
+    # sqlite:///path/to/file.db (embedded default) or postgresql://user@host:port/db
+    database_url: str = "sqlite:///vigil-data/gateway.db"
+    grpc_listen: str = "127.0.0.1:50051"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    fhir_base_path: str = "/fhir"
+    public_base_url: str = ""  # e.g. https://vigil.example.org/fhir; defaults to http://host:port/fhir
+    # OIDC issuer, e.g. http://127.0.0.1:8081/realms/vigil; empty = auth off (loopback only)
+    oidc_issuer: str = ""
+    oidc_audience: str = "vigil-fhir"
+    bentoml_url: str = "http://127.0.0.1:3000"
+    model_name: str = "vigil-sepsis"
+    score_interval_seconds: int = 3600
+    worker_name: str = "vigil-inference"
+    gateway_consumer_name: str = "vigil-gateway"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.oidc_issuer)
+
+    @property
+    def fhir_base_url(self) -> str:
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        return f"http://{self.http_host}:{self.http_port}{self.fhir_base_path}"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(f"VIGIL_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = int(raw) if f.type in ("int", int) else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
