@@ -1,0 +1,50 @@
+"""The BentoML 1.4 service serving the sepsis model, and its HTTP client used by the worker.
+
+Serve: `bentoml serve vigil_inference.service:SepsisRisk --host 127.0.0.1 --port 3000`
+(BENTOML_HOME selects the model store; VIGIL_MODEL_TAG overrides `vigil-sepsis:latest`).
+
+HTTP contract (BentoML's JSON encoding of the API's arguments):
+  POST /predict   {"features": [[f0, f1, ...], ...]}  -> [p0, p1, ...]   (JSON list of probabilities)
+  POST /metadata  {}                                  -> {"name", "version", "threshold", ...}
+  GET  /readyz    200 once the model is loaded.
+Missing feature values (NaN) travel as JSON null and become NaN again in the service, which is what
+XGBoost treats as missing; `ModelClient` encodes them so.
+"""
+from __future__ import annotations
+
+import os
+
+import bentoml
+import numpy as np
+
+from vigil_inference.model import MODEL_NAME, load_model
+
+MAX_BATCH_SIZE = 1024
+MAX_LATENCY_MS = 2000
+
+
+def _to_matrix(features) -> np.ndarray:
+    arr = np.asarray(features, dtype=object)
+    arr = np.where(arr == None, np.nan, arr)  # noqa: E711 - JSON null -> NaN (missing)
+    return arr.astype(np.float64)
+
+
+@bentoml.service(name="vigil-sepsis-risk", workers=1, traffic={"timeout": 30})
+class SepsisRisk:
+    def __init__(self) -> None:
+        self.model = load_model(os.environ.get("VIGIL_MODEL_TAG", f"{MODEL_NAME}:latest"))
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Sepsis probability per feature row (rows x len(feature_names))."""
+        x = _to_matrix(features)
+        if x.ndim != 2 or x.shape[1] != len(self.model.feature_names):
+            raise bentoml.exceptions.InvalidArgument(
+                f"features must be rows x {len(self.model.feature_names)}, got {x.shape}")
+        return self.model.predict(x)
+
+    @bentoml.api
+    def metadata(self) -> dict:
+        m = self.model
+        return {"name": m.name, "version": m.version, "threshold": m.threshold,
+                "feature_names": list(m.feature_names)}

@@ -1,0 +1,116 @@
+"""Wiring: connect to NATS, make sure the streams exist, serve IngestService over gRPC.
+
+Nothing here runs at import time; `start()` does the I/O and `run()` serves until cancelled.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from vigil import bus
+from vigil.settings import Settings
+
+from vigil_ingest.publisher import JetStreamPublisher, Publisher
+from vigil_ingest.server import SERVICE_NAME, IngestServicer, build_server
+
+log = logging.getLogger("vigil.ingest")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class IngestServer:
+    """A running ingest server: `.port` is the bound port (also when 0 was asked for)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: object
+    servicer: IngestServicer
+    nc: object | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace: float = 5) -> None:
+        """Stop taking new RPCs, let in-flight batches finish (up to `grace` s), then close NATS."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=max(grace, 1))
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()
+
+
+async def start(settings: Settings, *, publisher: Publisher | None = None,
+                stream_window: int = 64, max_inflight: int = 4096,
+                publish_timeout: float = 5.0) -> IngestServer:
+    """Connect to NATS (unless `publisher` is given), ensure the streams, and start serving.
+
+    Health is SERVING once NATS is connected (or at once with an injected publisher) and turns
+    NOT_SERVING while the NATS connection is down.
+    """
+    nc = None
+    holder: dict = {}
+
+    if publisher is None:
+        import nats
+
+        async def disconnected():
+            if "srv" in holder:
+                await holder["srv"].set_serving(False)
+            log.warning("NATS disconnected")
+
+        async def reconnected():
+            if "srv" in holder:
+                await holder["srv"].set_serving(True)
+            log.info("NATS reconnected")
+
+        async def error_cb(e):
+            log.warning("NATS error: %s", e)
+
+        nc = await nats.connect(settings.nats_url, name="vigil-ingest", max_reconnect_attempts=-1,
+                                disconnected_cb=disconnected, reconnected_cb=reconnected,
+                                error_cb=error_cb, connect_timeout=5)
+        js = nc.jetstream(publish_async_max_pending=max_inflight)
+        await bus.ensure_streams(js)
+        publisher = JetStreamPublisher(js, timeout=publish_timeout)
+
+    servicer = IngestServicer(publisher, stream_window=stream_window, max_inflight=max_inflight,
+                              publish_timeout=publish_timeout)
+    server, health_servicer = build_server(servicer)
+    port = server.add_insecure_port(settings.grpc_listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind gRPC listen address {settings.grpc_listen}")
+    await server.start()
+    srv = IngestServer(server=server, port=port, health=health_servicer, servicer=servicer, nc=nc)
+    holder["srv"] = srv
+    await srv.set_serving(nc is None or nc.is_connected)
+    log.info("vigil ingest listening on %s (port %d)", settings.grpc_listen, port)
+    return srv
+
+
+async def run(settings: Settings, *, ready: asyncio.Event | None = None, grace: float = 5) -> None:
+    """Start, set `ready`, serve until cancelled, then stop gracefully."""
+    srv = await start(settings)
+    try:
+        if ready is not None:
+            ready.set()
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.shield(srv.stop(grace))

