@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import filecmp
 import pathlib
-import shutil
 import sys
 import tempfile
 

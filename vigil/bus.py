@@ -6,6 +6,8 @@ stream's duplicate window.
 """
 from __future__ import annotations
 
+import hashlib
+
 import orjson
 
 OBSERVATIONS_STREAM = "VIGIL_OBSERVATIONS"
@@ -50,8 +52,15 @@ def decode_bundle(data: bytes) -> list[dict]:
     return [e["resource"] for e in doc.get("entry", [])]
 
 
-def batch_msg_id(device_id: str, first_sequence: int, last_sequence: int, count: int) -> str:
-    return f"obs/{device_id}/{first_sequence}-{last_sequence}/{count}"
+def batch_msg_id(device_id: str, sequences: list[int]) -> str:
+    """JetStream dedupe id of a batch: the same (device, set of sequences) always gives the same id.
+
+    The digest covers every sequence, so two different batches that share first, last and count
+    never collide.
+    """
+    seqs = sorted(sequences)
+    digest = hashlib.blake2b(b",".join(b"%d" % s for s in seqs), digest_size=8).hexdigest()
+    return f"obs/{device_id}/{seqs[0]}-{seqs[-1]}/{len(seqs)}/{digest}"
 
 
 async def ensure_streams(js, *, replicas: int = 1) -> None:

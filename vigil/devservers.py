@@ -75,9 +75,9 @@ class Server:
 
 
 def _popen(cmd: list[str], log: pathlib.Path, **kw) -> subprocess.Popen:
-    fh = open(log, "ab")
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, **kw)
+    with open(log, "ab") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, **kw)
 
 
 # --- NATS -----------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def start_postgres(data_dir: str | pathlib.Path | None = None, port: int | None 
     deadline = time.monotonic() + 30
     while True:
         r = subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "vigil", db],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         if r.returncode == 0 or "already exists" in r.stderr:
             break
         if time.monotonic() > deadline:

@@ -28,7 +28,7 @@ class Violation:
 
 def format_instant(epoch_seconds: float) -> str:
     """FHIR dateTime/instant in UTC with second or sub-second precision."""
-    t = dt.datetime.fromtimestamp(epoch_seconds, tz=dt.timezone.utc)
+    t = dt.datetime.fromtimestamp(epoch_seconds, tz=dt.UTC)
     if t.microsecond:
         return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")

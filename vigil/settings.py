@@ -25,6 +25,7 @@ class Settings:
     model_name: str = "vigil-sepsis"
     score_interval_seconds: int = 3600
     worker_name: str = "vigil-inference"
+    stream_replicas: int = 1  # JetStream replicas per stream (3 on a 3-node cluster)
     gateway_consumer_name: str = "vigil-gateway"
     extra: dict = field(default_factory=dict)
 
@@ -39,7 +40,7 @@ class Settings:
         return f"http://{self.http_host}:{self.http_port}{self.fhir_base_path}"
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if env is None else env
         values: dict = {}
         for f in fields(cls):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-DEFAULT_T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+DEFAULT_T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 HOUR = 3600
 
 

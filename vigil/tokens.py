@@ -35,6 +35,10 @@ class TokenError(Exception):
         self.reason = reason
 
 
+class KeyFetchError(TokenError):
+    """The issuer's keys could not be fetched: a server-side (transient) failure, not a bad token."""
+
+
 class TokenValidator:
     """Validates bearer JWTs for one issuer and audience; thread-safe, keys cached in memory."""
 
@@ -54,6 +58,7 @@ class TokenValidator:
         self._timeout = http_timeout
         self._keys: dict[str, tuple[jwt.PyJWK, str | None]] = {}  # kid -> (key, the JWK's own alg)
         self._last_fetch = float("-inf")
+        self._loaded = False  # True once a JWKS was fetched successfully
         self._lock = threading.Lock()
 
     # --- keys ---------------------------------------------------------------------------------
@@ -64,10 +69,10 @@ class TokenValidator:
         r.raise_for_status()
         doc = r.json()
         if doc.get("issuer") != self.issuer:
-            raise TokenError(f"discovery document issuer {doc.get('issuer')!r} does not match {self.issuer!r}")
+            raise KeyFetchError(f"discovery issuer {doc.get('issuer')!r} does not match {self.issuer!r}")
         jwks_uri = doc.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri:
-            raise TokenError("discovery document has no jwks_uri")
+            raise KeyFetchError("discovery document has no jwks_uri")
         return jwks_uri
 
     def refresh_keys(self, *, force: bool = False) -> bool:
@@ -85,7 +90,7 @@ class TokenValidator:
                     r.raise_for_status()
                     jwks = r.json()
             except (httpx.HTTPError, ValueError) as exc:
-                raise TokenError(f"cannot fetch the issuer's signing keys: {exc.__class__.__name__}") from exc
+                raise KeyFetchError(f"cannot fetch the issuer's signing keys: {exc.__class__.__name__}") from exc
             keys: dict[str, tuple[jwt.PyJWK, str | None]] = {}
             for jwk in jwks.get("keys", []):
                 if jwk.get("use", "sig") != "sig" or jwk.get("kty") not in ("RSA", "EC", "OKP"):
@@ -97,6 +102,7 @@ class TokenValidator:
                 except jwt.PyJWTError:
                     continue  # an unusable key (unsupported curve...) must not hide the others
             self._keys = keys
+            self._loaded = True
             return True
 
     def _key_for(self, kid: str | None) -> tuple[jwt.PyJWK, str | None] | None:
@@ -134,6 +140,8 @@ class TokenValidator:
             self.refresh_keys()  # at most once per min_refetch_seconds
             found = self._key_for(kid)
         if found is None:
+            if not self._loaded:
+                raise KeyFetchError("the issuer's signing keys are not available yet")
             raise TokenError("token signed with an unknown key")
         key, key_alg = found
         if key.key_type != _KTY_FOR_ALG[alg[:2]] or (key_alg is not None and key_alg != alg):

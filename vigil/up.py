@@ -71,9 +71,9 @@ class Supervisor:
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = self.log_dir / f"{name}.log"
-        fh = open(log, "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "vigil.cli", *args], env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(log, "ab") as fh:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "vigil.cli", *args], env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.children.append((name, proc, log))
         (self.log_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc
@@ -104,10 +104,9 @@ def _wait_http(url: str, sup: Supervisor, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         sup.check()
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} not ready after {timeout}s")
         time.sleep(0.3)
@@ -129,7 +128,7 @@ def _ensure_model(env: dict[str, str], dataset: str | None, sup: Supervisor) -> 
     """Train a model into the BentoML store when none is there yet (first start)."""
     probe = subprocess.run(
         [sys.executable, "-c", "import bentoml,sys; bentoml.models.get(sys.argv[1])", env["VIGIL_MODEL_TAG"]],
-        env=env, capture_output=True)
+        env=env, capture_output=True, check=False)
     if probe.returncode == 0:
         return
     print("vigil: no model in the BentoML store yet; training one on the data set (vigil train)...", flush=True)
@@ -214,8 +213,9 @@ def cmd_up(args) -> int:
 def _run_demo(args, fhir_base: str) -> None:
     import asyncio
 
-    from vigil.physionet import default_dataset
     from vigil_ingest.replay import replay
+
+    from vigil.physionet import default_dataset
 
     path = args.dataset or str(default_dataset())
     print(f"vigil: demo: replaying {args.demo_stays} stays from {path}", flush=True)

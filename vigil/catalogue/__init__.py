@@ -31,7 +31,9 @@ class Measurement:
         conv = self.convert.get(unit)
         if conv is None:
             return None
-        return value * conv[0] + conv[1]
+        # Rounded to 10 significant digits so that e.g. 0.35 (fraction) -> 35 % and 100.4 [degF] -> 38 Cel
+        # carry no binary float noise; far below any device's precision.
+        return float(f"{value * conv[0] + conv[1]:.10g}")
 
     def is_plausible(self, value: float) -> bool:
         return self.plausible[0] <= value <= self.plausible[1]

@@ -107,11 +107,11 @@ def content_hash(resource: dict) -> str:
 
 
 def now_instant() -> str:
-    return format_utc(dt.datetime.now(dt.timezone.utc))
+    return format_utc(dt.datetime.now(dt.UTC))
 
 
 def format_utc(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def normalise_date(value: object) -> str | None:
@@ -121,11 +121,11 @@ def normalise_date(value: object) -> str | None:
     if "T" not in value:
         return value
     try:
-        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        t = dt.datetime.fromisoformat(value)
     except ValueError:
         return value
     if t.tzinfo is None:  # FHIR requires a zone when time is given; treat a missing one as UTC
-        t = t.replace(tzinfo=dt.timezone.utc)
+        t = t.replace(tzinfo=dt.UTC)
     return format_utc(t)
 
 
@@ -221,6 +221,27 @@ def plan_upsert(resources: list[dict], existing: dict[tuple[str, str], tuple[int
                                 digest, body, _codes_of(resource))
         state[key] = (version, digest)
     return UpsertCounts(new, updated, unchanged), list(rows.values()), set(existing) & set(rows)
+
+
+def token_where(resource_type: str, subject: str | None, code: list[TokenFilter], ph: str) -> tuple[str, list]:
+    """WHERE clause on resource_tokens for a type, optional subject and OR-ed code tokens; `ph` is the
+    driver's placeholder (? for sqlite3, %s for psycopg)."""
+    where, params = [f"resource_type={ph}"], [resource_type]
+    if subject is not None:
+        where.append(f"subject={ph}")
+        params.append(subject)
+    ors = []
+    for t in code:
+        parts = []
+        if t.code is not None:
+            parts.append(f"code={ph}")
+            params.append(t.code)
+        if t.system is not None:
+            parts.append(f"system={ph}")
+            params.append(t.system)
+        ors.append("(" + " AND ".join(parts or ["1=1"]) + ")")
+    where.append("(" + " OR ".join(ors) + ")")
+    return " AND ".join(where), params
 
 
 def chunks(items: list, size: int):

@@ -254,5 +254,32 @@ def observation_event(obs: dict, interval_seconds: int = 3600) -> tuple[str, int
     key = key_for_coding([(c.get("system", ""), c.get("code", "")) for c in obs["code"]["coding"]])
     if key is None:
         return None
-    epoch = dt.datetime.fromisoformat(eff.replace("Z", "+00:00")).timestamp()
-    return ref[len("Patient/"):], int(epoch // interval_seconds), m.key, value, epoch, obs["id"]
+    epoch = dt.datetime.fromisoformat(eff).timestamp()
+    return ref[len("Patient/"):], int(epoch // interval_seconds), key, value, epoch, obs["id"]
+
+
+def stay_observations(stay: physionet.Stay, patient_id: str, *, device_id: str | None = None,
+                      t0_epoch: float | None = None) -> list[list[dict]]:
+    """The Observations replay sends for a stay, one list per row (hour): values converted with the
+    catalogue from physionet.SOURCE_UNITS, effective = timecontract.row_effective_epoch(T0, ICULOS).
+    Used by tests to check that online features equal offline ones."""
+    from vigil import timecontract
+    from vigil.observation import build_observation
+
+    cat = load_catalogue()
+    t0 = timecontract.DEFAULT_T0.timestamp() if t0_epoch is None else t0_epoch
+    device = device_id or f"replay-{patient_id}"
+    seq, hours = 0, []
+    for row, iculos in zip(stay.data, stay.iculos, strict=True):
+        obs = []
+        for i, key in enumerate(KEYS):
+            v = row[i]
+            if np.isnan(v):
+                continue
+            m = cat.by_key[key]
+            value = m.to_canonical(float(v), physionet.SOURCE_UNITS.get(key, m.ucum))
+            obs.append(build_observation(m, device_id=device, patient_id=patient_id, sequence=seq, value=value,
+                                         effective=timecontract.row_effective_epoch(t0, int(iculos))))
+            seq += 1
+        hours.append(obs)
+    return hours

@@ -31,7 +31,8 @@ class LoadedModel:
             x = x[None, :]
         if len(x) == 0:
             return np.empty(0)
-        return self.booster.predict(xgb.DMatrix(x, missing=np.nan)).astype(np.float64)
+        dm = xgb.DMatrix(x, missing=np.nan, feature_names=list(self.feature_names))
+        return self.booster.predict(dm).astype(np.float64)
 
 
 def load_model(tag: str = f"{MODEL_NAME}:latest") -> LoadedModel:

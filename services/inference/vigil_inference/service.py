@@ -25,7 +25,7 @@ MAX_LATENCY_MS = 2000
 
 def _to_matrix(features) -> np.ndarray:
     arr = np.asarray(features, dtype=object)
-    arr = np.where(arr == None, np.nan, arr)  # noqa: E711 - JSON null -> NaN (missing)
+    arr = np.where(arr == None, np.nan, arr)
     return arr.astype(np.float64)
 
 

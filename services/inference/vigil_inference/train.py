@@ -1,11 +1,10 @@
 """Offline training: PhysioNet stays -> features (vigil_inference.features) -> XGBoost -> BentoML store.
 
-Split: patient-grouped (GroupShuffleSplit by stay stem): no stay has rows in both training and
-validation. Early stopping and the alert threshold both use the validation stays; the threshold
-maximises the challenge's normalized utility there (vigil_inference.utility), computed on whole stays
-with the leading rows that carry no measurement predicted 0 (online cannot alert before data).
-The reported AUROC and utility are therefore optimistic for the threshold (chosen on the same fold);
-an untouched test set comes with the model-quality issue.
+Split: patient-grouped (GroupShuffleSplit by stay): 70 % train, 15 % validation, 15 % test; no stay has
+rows in two folds. Early stopping (validation AUROC) and the alert threshold use the validation stays;
+the threshold maximises the challenge's normalized utility there (vigil_inference.utility), computed on
+whole stays with the leading rows that carry no measurement predicted 0 (online cannot alert before
+data). `auroc`/`utility` are reported on the untouched test stays with that threshold.
 """
 from __future__ import annotations
 
@@ -28,13 +27,18 @@ QUICK_LIMIT = 2000
 
 @dataclass(frozen=True)
 class TrainResult:
+    """auroc/utility: held-out test stays (threshold fixed on valid); valid_*: the validation stays."""
+
     tag: str
     threshold: float
     auroc: float
     utility: float
+    valid_auroc: float
+    valid_utility: float
     n_stays: int
     n_train_stays: int
     n_valid_stays: int
+    n_test_stays: int
     n_rows: int
     best_iteration: int
     seconds: float
@@ -109,12 +113,18 @@ def train(dataset_path: str | os.PathLike | None = None, *, limit: int | None = 
     progress(f"{n_stays} stays, {len(ds.y)} rows, {int(ds.y.sum())} positive rows, "
              f"{len(F.feature_names())} features ({time.monotonic() - t_start:.1f}s)")
 
-    split = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=seed)
-    tr, va = next(split.split(ds.x, ds.y, groups=ds.group))
-    assert not set(ds.group[tr]) & set(ds.group[va]), "a stay is in both folds"
+    # Patient-grouped three-way split: train / valid (early stopping + threshold) / test (reported).
+    outer = GroupShuffleSplit(n_splits=1, test_size=0.15, random_state=seed)
+    dev, te = next(outer.split(ds.x, ds.y, groups=ds.group))
+    inner = GroupShuffleSplit(n_splits=1, test_size=0.15 / 0.85, random_state=seed + 1)
+    tr_i, va_i = next(inner.split(dev, ds.y[dev], groups=ds.group[dev]))
+    tr, va = np.sort(dev[tr_i]), np.sort(dev[va_i])
+    te = np.sort(te)
+    g_tr, g_va, g_te = (set(np.unique(ds.group[r]).tolist()) for r in (tr, va, te))
+    assert not (g_tr & g_va or g_tr & g_te or g_va & g_te), "a stay is in two folds"
     pos = max(int(ds.y[tr].sum()), 1)
     params = {
-        "objective": "binary:logistic", "eval_metric": "aucpr", "tree_method": "hist",
+        "objective": "binary:logistic", "eval_metric": ["logloss", "auc"], "tree_method": "hist",
         "max_depth": 4 if quick else 6, "eta": 0.1 if quick else 0.05, "subsample": 0.8,
         "colsample_bytree": 0.8, "min_child_weight": 5, "scale_pos_weight": (len(tr) - pos) / pos,
         "nthread": os.cpu_count() or 1, "seed": seed,
@@ -122,25 +132,34 @@ def train(dataset_path: str | os.PathLike | None = None, *, limit: int | None = 
     names = F.feature_names()
     dtr = xgb.DMatrix(ds.x[tr], label=ds.y[tr], missing=np.nan, feature_names=names)
     dva = xgb.DMatrix(ds.x[va], label=ds.y[va], missing=np.nan, feature_names=names)
-    booster = xgb.train(params, dtr, num_boost_round=150 if quick else 1000, evals=[(dva, "valid")],
+    dte = xgb.DMatrix(ds.x[te], label=ds.y[te], missing=np.nan, feature_names=names)
+    # Early stopping watches the last metric (validation AUROC).
+    booster = xgb.train(params, dtr, num_boost_round=200 if quick else 1000, evals=[(dva, "valid")],
                         early_stopping_rounds=20 if quick else 50, verbose_eval=False)
     best_it = int(booster.best_iteration)
     booster = booster[: best_it + 1]  # keep only the trees up to the best validation round
-    scores = booster.predict(dva)
-    auroc = float(roc_auc_score(ds.y[va], scores)) if 0 < ds.y[va].sum() < len(va) else float("nan")
-    va_stays = np.unique(ds.group[va])
-    threshold, utility = choose_threshold(ds, va, scores)
+
+    def auc(y, p):
+        return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+    s_va, s_te = booster.predict(dva), booster.predict(dte)
+    threshold, valid_utility = choose_threshold(ds, va, s_va)
+    te_scores, te_labels = whole_stay_scores(ds, te, s_te)
+    utility = UtilityEvaluator(te_labels).score(te_scores >= threshold)
+    auroc, valid_auroc = auc(ds.y[te], s_te), auc(ds.y[va], s_va)
     seconds = time.monotonic() - t_start
-    progress(f"best iteration {best_it}, validation AUROC {auroc:.3f}, utility {utility:.3f} at threshold "
-             f"{threshold:.4f} ({seconds:.1f}s)")
+    progress(f"best iteration {best_it}; valid AUROC {valid_auroc:.3f}, utility {valid_utility:.3f} at "
+             f"threshold {threshold:.4f}; held-out test ({len(g_te)} stays) AUROC {auroc:.3f}, "
+             f"utility {utility:.3f} ({seconds:.1f}s)")
 
     tag, out_path = "", ""
     if save:
         meta = {
             "threshold": threshold, "feature_names": names, "auroc": auroc, "utility": utility,
-            "n_stays": n_stays, "n_train_stays": int(len(np.unique(ds.group[tr]))),
-            "n_valid_stays": int(len(va_stays)), "n_rows": int(len(ds.y)), "best_iteration": best_it,
-            "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "valid_auroc": valid_auroc, "valid_utility": valid_utility,
+            "n_stays": n_stays, "n_train_stays": len(g_tr), "n_valid_stays": len(g_va),
+            "n_test_stays": len(g_te), "n_rows": len(ds.y), "best_iteration": best_it,
+            "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "dataset": path.name, "limit": limit, "seed": seed, "xgboost": xgb.__version__,
             "params": {k: v for k, v in params.items() if k != "nthread"},
             "features_module": "vigil_inference.features",
@@ -149,8 +168,10 @@ def train(dataset_path: str | os.PathLike | None = None, *, limit: int | None = 
                                    labels={"task": "sepsis-early-warning", "framework": "xgboost",
                                            "quick": str(quick).lower()}) as m:
             booster.save_model(os.path.join(m.path, MODEL_FILE))
-        tag, out_path = str(m.tag), m.path
+        tag = str(m.tag)
+        out_path = bentoml.models.get(tag).path
         progress(f"saved {tag} to {out_path}")
-    return TrainResult(tag=tag, threshold=threshold, auroc=auroc, utility=utility, n_stays=n_stays,
-                       n_train_stays=int(len(np.unique(ds.group[tr]))), n_valid_stays=int(len(va_stays)),
-                       n_rows=int(len(ds.y)), best_iteration=best_it, seconds=seconds, path=str(out_path))
+    return TrainResult(tag=tag, threshold=threshold, auroc=auroc, utility=utility, valid_auroc=valid_auroc,
+                       valid_utility=valid_utility, n_stays=n_stays, n_train_stays=len(g_tr),
+                       n_valid_stays=len(g_va), n_test_stays=len(g_te), n_rows=len(ds.y),
+                       best_iteration=best_it, seconds=seconds, path=str(out_path))

@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2
 
 from vigil import bus
 from vigil.settings import Settings
-
 from vigil_ingest.publisher import JetStreamPublisher, Publisher
 from vigil_ingest.server import SERVICE_NAME, IngestServicer, build_server
 
@@ -58,7 +57,7 @@ class IngestServer:
 
 
 async def start(settings: Settings, *, publisher: Publisher | None = None,
-                stream_window: int = 64, max_inflight: int = 4096,
+                stream_window: int = 64, max_inflight: int = 4096, max_inflight_bytes: int = 256 << 20,
                 publish_timeout: float = 5.0) -> IngestServer:
     """Connect to NATS (unless `publisher` is given), ensure the streams, and start serving.
 
@@ -72,9 +71,12 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
         import nats
 
         async def disconnected():
-            if "srv" in holder:
-                await holder["srv"].set_serving(False)
-            log.warning("NATS disconnected")
+            srv = holder.get("srv")
+            if srv is not None and srv._stopped:
+                return  # our own shutdown
+            if srv is not None:
+                await srv.set_serving(False)
+            log.warning("NATS disconnected: health NOT_SERVING, batches get UNAVAILABLE until it is back")
 
         async def reconnected():
             if "srv" in holder:
@@ -88,10 +90,11 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
                                 disconnected_cb=disconnected, reconnected_cb=reconnected,
                                 error_cb=error_cb, connect_timeout=5)
         js = nc.jetstream(publish_async_max_pending=max_inflight)
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, replicas=settings.stream_replicas)
         publisher = JetStreamPublisher(js, timeout=publish_timeout)
 
     servicer = IngestServicer(publisher, stream_window=stream_window, max_inflight=max_inflight,
+                              max_inflight_bytes=max_inflight_bytes,
                               publish_timeout=publish_timeout)
     server, health_servicer = build_server(servicer)
     port = server.add_insecure_port(settings.grpc_listen)

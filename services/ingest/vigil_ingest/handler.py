@@ -2,7 +2,7 @@
 
 A batch is refused as a whole (BatchRejected lists every violation) or published as ONE JetStream
 message: subject observation_subject(patient_id), body a FHIR Bundle of the batch's Observations,
-`Nats-Msg-Id` batch_msg_id(device, first seq, last seq, count). The BatchAck is built only after
+`Nats-Msg-Id` batch_msg_id(device, sequences). The BatchAck is built only after
 the publisher confirmed the message is durable.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from vigil import bus
 from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import ingest_pb2
 from vigil.observation import Violation, map_batch
-
 from vigil_ingest.publisher import Publisher
 
 
@@ -71,7 +70,7 @@ def prepare_batch(batch: ingest_pb2.ReadingBatch, catalogue: Catalogue | None = 
     return PreparedBatch(
         subject=bus.observation_subject(batch.patient_id),
         body=bus.encode_bundle(observations),
-        msg_id=bus.batch_msg_id(batch.device_id, first, last, len(readings)),
+        msg_id=bus.batch_msg_id(batch.device_id, seqs),
         device_id=batch.device_id, first_sequence=first, last_sequence=last, count=len(readings),
     )
 

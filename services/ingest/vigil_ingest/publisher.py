@@ -42,6 +42,14 @@ class JetStreamPublisher:
         self._stream = stream
         self._max_stall = max_pending  # seconds to wait for a free publish_async slot
 
+    def _connection_state(self) -> str:
+        nc = getattr(self._js, "_nc", None)
+        if nc is None or nc.is_connected:
+            return ""
+        if nc.is_reconnecting:
+            return " (the NATS connection is down; reconnecting)"
+        return " (the NATS connection is closed)"
+
     async def publish_batch(self, subject: str, body: bytes, msg_id: str,
                             *, timeout: float | None = None) -> tuple[bool, bool]:
         import nats.errors
@@ -49,30 +57,42 @@ class JetStreamPublisher:
 
         timeout = self.timeout if timeout is None else max(0.001, min(timeout, self.timeout))
         try:
-            fut = await asyncio.wait_for(
-                self._js.publish_async(subject, body, headers={bus.MSG_ID: msg_id}, stream=self._stream,
-                                       wait_stall=self._max_stall),
-                timeout)
-        except asyncio.TimeoutError as e:
-            raise PublishUnavailable(f"NATS JetStream: could not send to {subject} within {timeout:g}s") from e
+            # publish_async only waits for a free pending slot (bounded by wait_stall) and the socket
+            # write buffer; the PubAck wait below is the one bounded by `timeout`.
+            fut = await self._js.publish_async(subject, body, headers={bus.MSG_ID: msg_id},
+                                               stream=self._stream, wait_stall=min(self._max_stall, timeout))
         except nats.js.errors.TooManyStalledMsgsError as e:
-            raise PublishUnavailable("NATS JetStream: too many publishes awaiting acknowledgement") from e
+            raise PublishUnavailable(f"NATS JetStream: too many publishes awaiting acknowledgement "
+                                     f"(none freed within {min(self._max_stall, timeout):g}s)") from e
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
                 nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
                 nats.errors.StaleConnectionError) as e:
             raise PublishUnavailable(f"NATS connection unavailable ({type(e).__name__}) "
                                      f"while publishing to {subject}") from e
+        timed_out = False
+
+        def expire():
+            nonlocal timed_out
+            if not fut.done():
+                timed_out = True
+                fut.cancel()
+
+        timer = asyncio.get_running_loop().call_later(timeout, expire)  # cheaper than wait_for per batch
         try:
-            ack = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError as e:
-            fut.cancel()
+            ack = await fut
+        except asyncio.CancelledError as e:
+            if not timed_out:
+                raise
             raise PublishUnavailable(
-                f"NATS JetStream did not acknowledge {msg_id} on {subject} within {timeout:g}s") from e
+                f"NATS JetStream did not acknowledge {msg_id} on {subject} within {timeout:g}s"
+                f"{self._connection_state()}") from e
         except nats.js.errors.NoStreamResponseError as e:
             raise PublishUnavailable(f"NATS JetStream: no stream answers for {subject} "
                                      f"(is {self._stream} created?)") from e
         except nats.js.errors.APIError as e:
             raise PublishUnavailable(f"NATS JetStream refused {msg_id} on {subject}: {e}") from e
+        finally:
+            timer.cancel()
         return True, bool(ack.duplicate)
 
 

@@ -2,12 +2,14 @@
 
 StreamReadings is pipelined: the server keeps reading requests and publishing while earlier batches
 wait for their JetStream acknowledgement (up to `stream_window` per stream, and `max_inflight`
-batches server-wide, so memory stays bounded when NATS is slow). Responses are still sent one per
+batches / `max_inflight_bytes` encoded bytes server-wide, so memory stays bounded when NATS is slow:
+a full budget stops the server reading more requests, and HTTP/2 flow control pushes back on clients). Responses are still sent one per
 batch, in request order, each only after its batch is durable.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -19,7 +21,6 @@ from grpc_status import rpc_status
 from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import ingest_pb2, ingest_pb2_grpc
 from vigil.observation import Violation
-
 from vigil_ingest.handler import BatchRejected, PreparedBatch, prepare_batch, publish_prepared
 from vigil_ingest.publisher import Publisher, PublishUnavailable
 
@@ -31,7 +32,7 @@ _END = object()
 
 def bad_request_status(err: BatchRejected, *, acked: int | None = None) -> status_pb2.Status:
     """INVALID_ARGUMENT with google.rpc.BadRequest details, one field violation per problem."""
-    prefix = "" if err.batch_index is None else f"batches[{err.batch_index}]."
+    prefix = "" if err.batch_index is None else f"batches[{err.batch_index}]."  # one batch of an upload
     detail = error_details_pb2.BadRequest(field_violations=[
         error_details_pb2.BadRequest.FieldViolation(field=prefix + v.field, description=v.description)
         for v in err.violations])
@@ -43,14 +44,46 @@ def bad_request_status(err: BatchRejected, *, acked: int | None = None) -> statu
     return st
 
 
+class ByteBudget:
+    """At most `limit` bytes of encoded batches held at once, server-wide (a batch larger than the
+    whole budget waits until it is alone)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        return n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, publisher: Publisher, *, catalogue: Catalogue | None = None,
-                 stream_window: int = 64, max_inflight: int = 4096, publish_timeout: float = 5.0):
+                 stream_window: int = 64, max_inflight: int = 4096, max_inflight_bytes: int = 256 << 20,
+                 publish_timeout: float = 5.0):
         self.publisher = publisher
         self.catalogue = catalogue or load_catalogue()
         self.stream_window = stream_window
         self.publish_timeout = publish_timeout
         self._inflight = asyncio.Semaphore(max_inflight)
+        self._bytes = ByteBudget(max_inflight_bytes)
+
+    async def _reserve(self, prepared: PreparedBatch) -> int:
+        await self._inflight.acquire()
+        try:
+            return await self._bytes.acquire(len(prepared.body))
+        except BaseException:
+            self._inflight.release()
+            raise
 
     def _timeout(self, context) -> float:
         remaining = context.time_remaining()
@@ -58,11 +91,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             return self.publish_timeout
         return max(0.001, min(self.publish_timeout, remaining))
 
-    async def _publish(self, prepared: PreparedBatch, context) -> ingest_pb2.BatchAck:
+    async def _publish(self, prepared: PreparedBatch, reserved: int, context) -> ingest_pb2.BatchAck:
         try:
             return await publish_prepared(prepared, self.publisher, timeout=self._timeout(context))
         finally:
             self._inflight.release()
+            await self._bytes.release(reserved)
 
     async def _abort_unavailable(self, context, err: Exception):
         msg = f"batch not acknowledged, retry it: {err}"
@@ -74,7 +108,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         window = asyncio.Semaphore(self.stream_window)
 
         async def reader():
-            index = 0
             try:
                 async for req in request_iterator:
                     try:
@@ -83,10 +116,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                         await queue.put(e)
                         return
                     await window.acquire()
-                    await self._inflight.acquire()
-                    await queue.put(asyncio.ensure_future(self._publish(prepared, context)))
-                    index += 1
-            except Exception as e:  # the client went away / cancelled
+                    reserved = await self._reserve(prepared)
+                    await queue.put(asyncio.ensure_future(self._publish(prepared, reserved, context)))
+            except Exception as e:  # noqa: BLE001 - a broken request stream ends this RPC
                 await queue.put(e)
                 return
             await queue.put(_END)
@@ -116,25 +148,24 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             while not queue.empty():
                 item = queue.get_nowait()
                 if isinstance(item, asyncio.Future):
-                    try:
+                    with contextlib.suppress(Exception):  # the RPC is over; only settle the publishes
                         await item
-                    except Exception:
-                        pass
 
     async def UploadReadings(self, request, context):
-        prepared = []
-        try:
-            for i, batch in enumerate(request.batches):
+        prepared, violations = [], []
+        for i, batch in enumerate(request.batches):  # validate every batch before publishing any
+            try:
                 prepared.append(prepare_batch(batch, self.catalogue, batch_index=i))
-        except BatchRejected as e:
-            await context.abort_with_status(rpc_status.to_status(bad_request_status(e)))
-        if not prepared:
-            err = BatchRejected([Violation("batches", "at least one batch is required")])
+            except BatchRejected as e:
+                violations += [Violation(f"batches[{i}].{v.field}", v.description) for v in e.violations]
+        if not request.batches:
+            violations.append(Violation("batches", "at least one batch is required"))
+        if violations:
+            err = BatchRejected(violations)
             await context.abort_with_status(rpc_status.to_status(bad_request_status(err)))
 
         async def one(p):
-            await self._inflight.acquire()
-            return await self._publish(p, context)
+            return await self._publish(p, await self._reserve(p), context)
 
         results = await asyncio.gather(*(one(p) for p in prepared), return_exceptions=True)
         for r in results:

@@ -1,0 +1,229 @@
+{{/* Chart name. */}}
+{{- define "vigil.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name (release-scoped). */}}
+{{- define "vigil.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "vigil.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels shared by every Vigil pod of this release (not the NATS subchart's pods). */}}
+{{- define "vigil.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vigil.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "vigil.labels" -}}
+helm.sh/chart: {{ include "vigil.chart" . }}
+{{ include "vigil.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vigil
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels for a component; call with (dict "root" $ "component" "ingest"). */}}
+{{- define "vigil.componentLabels" -}}
+{{ include "vigil.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "vigil.componentSelectorLabels" -}}
+{{ include "vigil.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "vigil.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vigil.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "vigil.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Service names. */}}
+{{- define "vigil.ingest.fullname" -}}{{ include "vigil.fullname" . | trunc 56 | trimSuffix "-" }}-ingest{{- end }}
+{{- define "vigil.gateway.fullname" -}}{{ include "vigil.fullname" . | trunc 55 | trimSuffix "-" }}-gateway{{- end }}
+{{- define "vigil.model.fullname" -}}{{ include "vigil.fullname" . | trunc 57 | trimSuffix "-" }}-model{{- end }}
+{{- define "vigil.worker.fullname" -}}{{ include "vigil.fullname" . | trunc 56 | trimSuffix "-" }}-worker{{- end }}
+
+{{/* NATS client URL (plain value; empty when it comes from a Secret). */}}
+{{- define "vigil.natsUrl" -}}
+{{- if .Values.nats.enabled }}
+{{- $natsName := default "nats" .Values.nats.nameOverride }}
+{{- $svc := printf "%s-%s" .Release.Name $natsName | trunc 63 | trimSuffix "-" }}
+{{- if contains $natsName .Release.Name }}{{ $svc = .Release.Name | trunc 63 | trimSuffix "-" }}{{ end }}
+{{- $svc = default $svc .Values.nats.fullnameOverride }}
+{{- printf "nats://%s.%s.svc:4222" $svc .Release.Namespace }}
+{{- else }}
+{{- .Values.externalNats.url }}
+{{- end }}
+{{- end }}
+
+{{/* Common environment of every Vigil container. */}}
+{{- define "vigil.natsEnv" -}}
+{{- if and (not .Values.nats.enabled) .Values.externalNats.existingSecret }}
+- name: VIGIL_NATS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.externalNats.existingSecret }}
+      key: {{ .Values.externalNats.urlKey }}
+{{- else }}
+- name: VIGIL_NATS_URL
+  value: {{ include "vigil.natsUrl" . | quote }}
+{{- end }}
+- name: VIGIL_STREAM_REPLICAS
+  value: {{ .Values.bus.streamReplicas | quote }}
+{{- end }}
+
+{{- define "vigil.oidcEnv" -}}
+- name: VIGIL_OIDC_ISSUER
+  value: {{ .Values.keycloak.issuer | quote }}
+- name: VIGIL_OIDC_AUDIENCE
+  value: {{ .Values.keycloak.audience | quote }}
+{{- end }}
+
+{{/* VIGIL_DATABASE_URL (+ PGPASSWORD): see values.yaml, postgresql. */}}
+{{- define "vigil.databaseEnv" -}}
+{{- $pg := .Values.postgresql }}
+{{- if $pg.urlKey }}
+- name: VIGIL_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $pg.existingSecret }}
+      key: {{ $pg.urlKey }}
+{{- else }}
+- name: VIGIL_DATABASE_URL
+  value: {{ printf "postgresql://%s@%s:%d/%s?sslmode=%s" $pg.username $pg.host (int $pg.port) $pg.database $pg.sslmode | quote }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $pg.existingSecret }}
+      key: {{ $pg.passwordKey }}
+{{- end }}
+{{- end }}
+
+{{/* Environment that keeps Python and libraries off the read-only root filesystem. */}}
+{{- define "vigil.runtimeEnv" -}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+{{- end }}
+
+{{- define "vigil.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- end }}
+
+{{- define "vigil.tmpMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* Pod-level settings shared by all pods; call with (dict "root" $ "c" .Values.<component>). */}}
+{{- define "vigil.podCommon" -}}
+{{- $root := .root }}
+serviceAccountName: {{ include "vigil.serviceAccountName" $root }}
+automountServiceAccountToken: {{ $root.Values.automountServiceAccountToken }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with .c.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Probes of a component (only those set). */}}
+{{- define "vigil.probes" -}}
+{{- with .startupProbe }}
+startupProbe:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .livenessProbe }}
+livenessProbe:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .readinessProbe }}
+readinessProbe:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Fail early on configurations that cannot work. */}}
+{{- define "vigil.validate" -}}
+{{- if and (not .Values.nats.enabled) (not .Values.externalNats.url) (not .Values.externalNats.existingSecret) }}
+{{- fail "nats.enabled=false needs externalNats.url or externalNats.existingSecret" }}
+{{- end }}
+{{- if and .Values.worker.enabled (gt (int .Values.worker.replicaCount) 1) (not .Values.worker.allowMultipleReplicas) }}
+{{- fail "worker.replicaCount > 1: the worker keeps per-patient state in memory; set worker.allowMultipleReplicas=true only once it partitions patients (docs/operations.md, Scaling)" }}
+{{- end }}
+{{- if and .Values.worker.enabled .Values.worker.autoscaling.enabled (not .Values.worker.allowMultipleReplicas) }}
+{{- fail "worker.autoscaling.enabled needs worker.allowMultipleReplicas=true (see docs/operations.md, Scaling)" }}
+{{- end }}
+{{- if and .Values.model.enabled (eq .Values.model.store.source "existingClaim") (not .Values.model.store.existingClaim) }}
+{{- fail "model.store.source=existingClaim needs model.store.existingClaim" }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicy peer: the pods of one component of this release. */}}
+{{- define "vigil.np.fromComponent" -}}
+- podSelector:
+    matchLabels:
+      {{- include "vigil.componentSelectorLabels" . | nindent 6 }}
+{{- end }}
+
+{{/* NetworkPolicy egress rule from (dict "ports" [...] "to" [...]); empty "to" = any destination. */}}
+{{- define "vigil.np.egress" -}}
+- ports:
+    {{- range .ports }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
+  {{- with .to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

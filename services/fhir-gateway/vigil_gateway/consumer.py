@@ -1,0 +1,186 @@
+"""Bus consumer: durable JetStream pull consumers on VIGIL_OBSERVATIONS and VIGIL_RISK -> Store.
+
+Each fetch (up to `batch` messages) is decoded (bodies are FHIR Bundles of type collection, see
+vigil.bus), stored with one `upsert_many` call (one transaction), and only then acknowledged, so a
+message is never acked before its resources are committed. Redelivery after a crash is harmless:
+unchanged content creates no new version. A malformed message is logged and terminated (`term`) so
+it cannot poison-loop; if a batch fails in the store, its messages are retried one by one so a single
+unstorable message is terminated and the rest stored, while a database outage naks for redelivery.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from vigil import bus
+from vigil_gateway.store import InvalidResource, Store, check_resource
+
+log = logging.getLogger("vigil.gateway.consumer")
+
+SUBSCRIPTIONS = (  # (stream, subjects, durable-name suffix)
+    (bus.OBSERVATIONS_STREAM, bus.OBSERVATIONS_SUBJECTS, "observations"),
+    (bus.RISK_STREAM, bus.RISK_SUBJECTS, "risk"),
+)
+
+
+@dataclass
+class ConsumerStats:
+    messages_acked: int = 0
+    messages_terminated: int = 0
+    messages_nakked: int = 0
+    resources_new: int = 0
+    resources_updated: int = 0
+    resources_unchanged: int = 0
+    last_error: str | None = None
+    per_stream: dict = field(default_factory=dict)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A store error that retrying cannot fix (bad data), as opposed to an outage."""
+    if isinstance(exc, (InvalidResource, ValueError, TypeError)):
+        return True
+    with contextlib.suppress(ImportError):
+        import psycopg
+        if isinstance(exc, (psycopg.errors.DataError, psycopg.errors.IntegrityError)):
+            return True
+    import sqlite3
+    return isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError))
+
+
+class BusConsumer:
+    """Runs one pull loop per stream until `stop()`; `running` is true while every loop is alive."""
+
+    def __init__(self, js, store: Store, consumer_name: str, *, batch: int = 500, fetch_timeout: float = 1.0,
+                 ack_wait: float = 60.0, retry_delay: float = 2.0, stream_replicas: int = 1):
+        self.js, self.store, self.name = js, store, consumer_name
+        self.stream_replicas = stream_replicas
+        self.batch, self.fetch_timeout, self.ack_wait, self.retry_delay = batch, fetch_timeout, ack_wait, retry_delay
+        self.stats = ConsumerStats()
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
+        self._subs: list = []
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and all(not t.done() for t in self._tasks)
+
+    def durable_name(self, suffix: str) -> str:
+        return f"{self.name}-{suffix}"
+
+    async def start(self) -> None:
+        """Ensure the streams, create/bind the durable consumers and start the fetch loops."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        await bus.ensure_streams(self.js, replicas=self.stream_replicas)
+        for stream, subjects, suffix in SUBSCRIPTIONS:
+            durable = self.durable_name(suffix)
+            config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                    deliver_policy=DeliverPolicy.ALL, ack_wait=self.ack_wait,
+                                    max_ack_pending=max(10 * self.batch, 1000))
+            sub = await self.js.pull_subscribe(subjects, durable=durable, stream=stream, config=config)
+            self._subs.append(sub)
+            self._tasks.append(asyncio.create_task(self._loop(stream, sub), name=f"gateway-consume-{suffix}"))
+        log.info("bus consumer started: %s", ", ".join(self.durable_name(s) for _, _, s in SUBSCRIPTIONS))
+
+    async def stop(self) -> None:
+        """Finish the in-flight batch (store + ack), then stop the loops and unsubscribe."""
+        self._stopping.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._tasks, self._subs = [], []
+
+    async def _loop(self, stream: str, sub) -> None:
+        import nats.errors
+
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - connection trouble: nats-py reconnects; retry
+                if self._stopping.is_set():
+                    break
+                self.stats.last_error = f"fetch {stream}: {exc!r}"
+                log.warning("fetch from %s failed: %r", stream, exc)
+                await asyncio.sleep(self.retry_delay)
+                continue
+            try:
+                # shielded: a cancellation must not interrupt between commit and ack
+                await asyncio.shield(self.handle_batch(stream, msgs))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. connection lost while acking
+                # unacked messages are redelivered after ack_wait: harmless (idempotent upsert)
+                self.stats.last_error = f"batch {stream}: {exc!r}"
+                log.warning("batch from %s not fully settled: %r", stream, exc)
+                await asyncio.sleep(self.retry_delay)
+
+    async def handle_batch(self, stream: str, msgs: list) -> None:
+        """Decode, store in one transaction, then ack (or term malformed / nak on store outage)."""
+        good: list[tuple[object, list[dict]]] = []
+        for msg in msgs:
+            try:
+                resources = bus.decode_bundle(msg.data)
+                for r in resources:
+                    check_resource(r)
+            except Exception as exc:  # noqa: BLE001 - malformed: never storable, do not redeliver
+                log.error("terminating malformed message %s seq=%s on %s: %s", msg.subject,
+                          _seq(msg), stream, exc)
+                self.stats.messages_terminated += 1
+                await msg.term()
+                continue
+            good.append((msg, resources))
+        if not good:
+            return
+        try:
+            counts = await asyncio.to_thread(self.store.upsert_many, [r for _, rs in good for r in rs])
+        except Exception as exc:  # noqa: BLE001
+            self.stats.last_error = f"store {stream}: {exc!r}"
+            if len(good) == 1:
+                await self._settle_failure(stream, *good[0], exc)
+                return
+            log.warning("batch of %d from %s failed (%r); retrying message by message", len(good), stream, exc)
+            for msg, resources in good:
+                try:
+                    counts = await asyncio.to_thread(self.store.upsert_many, resources)
+                except Exception as exc_one:  # noqa: BLE001
+                    await self._settle_failure(stream, msg, resources, exc_one)
+                    continue
+                self._count(counts)
+                await msg.ack()
+                self.stats.messages_acked += 1
+            return
+        self._count(counts)
+        for msg, _ in good:
+            await msg.ack()
+        self.stats.messages_acked += len(good)
+
+    async def _settle_failure(self, stream: str, msg, resources: list[dict], exc: BaseException) -> None:
+        if is_permanent(exc):
+            log.error("terminating unstorable message %s seq=%s on %s: %r", msg.subject, _seq(msg), stream, exc)
+            self.stats.messages_terminated += 1
+            await msg.term()
+        else:
+            log.warning("store unavailable for message seq=%s on %s (%r); redelivering", _seq(msg), stream, exc)
+            self.stats.messages_nakked += 1
+            await msg.nak(delay=self.retry_delay)
+            await asyncio.sleep(self.retry_delay)
+
+    def _count(self, counts) -> None:
+        self.stats.resources_new += counts.new
+        self.stats.resources_updated += counts.updated
+        self.stats.resources_unchanged += counts.unchanged
+
+
+def _seq(msg) -> object:
+    try:
+        return msg.metadata.sequence.stream
+    except Exception:  # noqa: BLE001
+        return "?"

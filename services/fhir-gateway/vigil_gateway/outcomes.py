@@ -1,0 +1,48 @@
+"""OperationOutcome responses: every error the gateway returns is one.
+
+https://hl7.org/fhir/R4/operationoutcome.html and https://hl7.org/fhir/R4/http.html#summary
+(issue codes: https://hl7.org/fhir/R4/valueset-issue-type.html).
+"""
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+FHIR_JSON = "application/fhir+json"
+
+
+class FhirJSONResponse(Response):
+    """orjson-serialised FHIR JSON with media type application/fhir+json."""
+
+    media_type = FHIR_JSON
+
+    def render(self, content) -> bytes:
+        if isinstance(content, bytes):
+            return content
+        return orjson.dumps(content)
+
+
+def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> dict:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]}
+
+
+class FhirError(Exception):
+    """Raise in a handler to answer `status` with an OperationOutcome of issue `code`."""
+
+    def __init__(self, status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None):
+        super().__init__(diagnostics)
+        self.status, self.code, self.diagnostics, self.headers = status, code, diagnostics, headers or {}
+
+    def response(self) -> FhirJSONResponse:
+        return FhirJSONResponse(operation_outcome(self.code, self.diagnostics), status_code=self.status,
+                                headers=self.headers)
+
+
+# HTTP status -> the closest issue type, for errors raised by the framework itself (404 route, 405...)
+STATUS_ISSUE_CODE = {
+    400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+    406: "not-supported", 409: "conflict", 410: "deleted", 412: "conflict", 413: "too-costly",
+    415: "not-supported", 422: "processing", 429: "throttled", 500: "exception", 501: "not-supported",
+    503: "transient",
+}

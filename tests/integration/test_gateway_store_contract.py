@@ -1,0 +1,133 @@
+"""The Store contract, run identically against SQLite and a real PostgreSQL 15."""
+from __future__ import annotations
+
+import pytest
+from vigil_gateway.bootstrap import build_store
+from vigil_gateway.store import InvalidResource, TokenFilter, UpsertCounts
+
+LOINC = "http://loinc.org"
+HR, SPO2 = "8867-4", "59408-5"
+
+
+def obs(oid: str, patient: str = "p1", code: str = HR, value: float = 80.0,
+        when: str = "2026-01-01T10:00:00Z", extra_system: str | None = None) -> dict:
+    coding = [{"system": LOINC, "code": code}]
+    if extra_system:
+        coding.append({"system": extra_system, "code": code})
+    return {"resourceType": "Observation", "id": oid, "status": "final", "code": {"coding": coding},
+            "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": when,
+            "valueQuantity": {"value": value, "unit": "/min", "system": "http://unitsofmeasure.org",
+                              "code": "/min"}}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = build_store(f"sqlite:///{tmp_path}/nested/dir/gateway.db")
+    else:
+        s = build_store(request.getfixturevalue("fresh_postgres_url"))
+    assert s.migrate() == 1
+    assert s.migrate() == 1  # idempotent
+    yield s
+    s.close()
+
+
+def test_versioning_semantics(store):
+    assert store.upsert_many([obs("o1")]) == UpsertCounts(new=1)
+    first = store.read("Observation", "o1")
+    assert first["meta"]["versionId"] == "1" and first["meta"]["lastUpdated"].endswith("Z")
+
+    # same content (even with producer-set versionId/lastUpdated) -> no new version
+    again = obs("o1")
+    again["meta"] = {"versionId": "99", "lastUpdated": "2000-01-01T00:00:00Z"}
+    assert store.upsert_many([again]) == UpsertCounts(unchanged=1)
+    assert store.read("Observation", "o1") == first
+
+    # different content -> version 2
+    assert store.upsert_many([obs("o1", value=81.0)]) == UpsertCounts(updated=1)
+    second = store.read("Observation", "o1")
+    assert second["meta"]["versionId"] == "2"
+    assert second["valueQuantity"]["value"] == 81.0
+    assert second["meta"]["lastUpdated"] >= first["meta"]["lastUpdated"]
+
+    # a repeat inside one batch is applied in order
+    counts = store.upsert_many([obs("o2"), obs("o2"), obs("o2", value=1.0), obs("o1", value=81.0)])
+    assert counts == UpsertCounts(new=1, updated=1, unchanged=2)
+    assert store.read("Observation", "o2")["meta"]["versionId"] == "2"
+    assert store.read("Observation", "missing") is None
+    assert store.read("RiskAssessment", "o1") is None
+
+
+def test_meta_other_than_version_is_content(store):
+    store.upsert_many([obs("o1")])
+    with_profile = obs("o1")
+    with_profile["meta"] = {"profile": ["http://hl7.org/fhir/StructureDefinition/vitalsigns"]}
+    assert store.upsert_many([with_profile]) == UpsertCounts(updated=1)
+    got = store.read("Observation", "o1")
+    assert got["meta"]["profile"] == with_profile["meta"]["profile"] and got["meta"]["versionId"] == "2"
+
+
+def test_search_by_subject_and_code(store):
+    store.upsert_many([
+        obs("a", "p1", HR, when="2026-01-01T10:00:00Z"),
+        obs("b", "p1", HR, when="2026-01-01T12:00:00+02:00"),   # = 10:00Z, ties broken by id
+        obs("c", "p1", SPO2, when="2026-01-01T11:00:00Z", extra_system="urn:local"),
+        obs("d", "p2", HR, when="2026-01-02T10:00:00Z"),
+        {"resourceType": "Observation", "id": "nodate", "status": "final",
+         "code": {"coding": [{"code": HR}]}, "subject": {"reference": "Patient/p1"}},
+    ])
+    total, page = store.search("Observation", subject="Patient/p1")
+    assert total == 4
+    assert [r["id"] for r in page] == ["c", "a", "b", "nodate"]  # newest first, undated last
+
+    total, page = store.search("Observation", subject="Patient/p1", code=[TokenFilter(LOINC, HR)])
+    assert (total, [r["id"] for r in page]) == (2, ["a", "b"])
+    total, page = store.search("Observation", subject="Patient/p1", code=[TokenFilter(None, HR)])
+    assert (total, [r["id"] for r in page]) == (3, ["a", "b", "nodate"])
+    total, page = store.search("Observation", subject="Patient/p1", code=[TokenFilter("", HR)])
+    assert [r["id"] for r in page] == ["nodate"]
+    # a resource matching through two codings is returned once
+    total, page = store.search("Observation", code=[TokenFilter(None, SPO2)])
+    assert (total, [r["id"] for r in page]) == (1, ["c"])
+    total, page = store.search("Observation", code=[TokenFilter("urn:local", None), TokenFilter(LOINC, HR)])
+    assert total == 4
+    total, page = store.search("Observation")
+    assert total == 5
+    assert store.search("Observation", subject="Patient/nobody") == (0, [])
+    assert store.search("RiskAssessment", subject="Patient/p1") == (0, [])
+
+
+def test_search_paging_is_stable_and_total_exact(store):
+    store.upsert_many([obs(f"o{i:03d}", when=f"2026-01-01T10:{i % 60:02d}:00Z") for i in range(120)])
+    seen = []
+    for offset in range(0, 130, 25):
+        total, page = store.search("Observation", subject="Patient/p1", count=25, offset=offset)
+        assert total == 120
+        seen += [r["id"] for r in page]
+    assert len(seen) == 120 and len(set(seen)) == 120
+    assert store.search("Observation", subject="Patient/p1", count=0) == (120, [])
+
+
+def test_update_moves_search_tokens(store):
+    store.upsert_many([obs("o1", code=HR)])
+    store.upsert_many([obs("o1", code=SPO2, patient="p9")])
+    assert store.search("Observation", code=[TokenFilter(None, HR)])[0] == 0
+    assert store.search("Observation", subject="Patient/p9", code=[TokenFilter(LOINC, SPO2)])[0] == 1
+    assert store.search("Observation", subject="Patient/p1")[0] == 0
+
+
+def test_invalid_resources_are_refused_whole_batch(store):
+    for bad in ({"resourceType": "Observation"}, {"resourceType": "Observation", "id": "bad id!"},
+                {"id": "x"}, "not an object"):
+        with pytest.raises(InvalidResource):
+            store.upsert_many([obs("good"), bad])
+    assert store.read("Observation", "good") is None  # nothing of a refused batch is kept
+
+
+def test_large_batch(store):
+    counts = store.upsert_many([obs(f"big-{i}", patient=f"p{i % 7}") for i in range(2500)])
+    assert counts == UpsertCounts(new=2500)
+    assert store.upsert_many([obs(f"big-{i}", patient=f"p{i % 7}") for i in range(2500)]) == \
+        UpsertCounts(unchanged=2500)
+    assert store.search("Observation", subject="Patient/p3", count=1)[0] == len(range(3, 2500, 7))
+    assert store.ping()

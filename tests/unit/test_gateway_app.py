@@ -1,0 +1,183 @@
+"""The FHIR REST API on an embedded SQLite store, through the ASGI interface (no auth)."""
+from __future__ import annotations
+
+import httpx
+import orjson
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.riskassessment import RiskAssessment
+from vigil_gateway.app import create_app
+from vigil_gateway.bootstrap import build_store
+
+from vigil.settings import Settings
+
+LOINC = "http://loinc.org"
+BASE = "http://127.0.0.1:8080/fhir"
+
+
+def observation(oid, patient="p1", code="8867-4", minute=0, value=80.0):
+    return {"resourceType": "Observation", "id": oid, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": "vital-signs"}]}],
+            "code": {"coding": [{"system": LOINC, "code": code}]},
+            "subject": {"reference": f"Patient/{patient}"},
+            "effectiveDateTime": f"2026-01-01T10:{minute:02d}:00Z",
+            "valueQuantity": {"value": value, "unit": "/min", "system": "http://unitsofmeasure.org",
+                              "code": "/min"}}
+
+
+def risk(rid, patient="p1"):
+    return {"resourceType": "RiskAssessment", "id": rid, "status": "final",
+            "subject": {"reference": f"Patient/{patient}"}, "occurrenceDateTime": "2026-01-01T11:00:00Z",
+            "method": {"text": "vigil-sepsis xgboost"},
+            "prediction": [{"outcome": {"text": "Sepsis within 6 hours"}, "probabilityDecimal": 0.12}]}
+
+
+class Boom:
+    """A store whose every call fails: for the 500 path."""
+    dialect = "broken"
+
+    def __getattr__(self, name):
+        def fail(*a, **k):
+            raise RuntimeError("database on fire")
+        return fail
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = build_store(f"sqlite:///{tmp_path}/gw.db")
+    s.migrate()
+    s.upsert_many([observation(f"hr-{i}", minute=i) for i in range(7)]
+                  + [observation("spo2-1", code="59408-5"), observation("other", patient="p2"),
+                     risk("ra-1"), risk("ra-2", patient="p2")])
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def client(store):
+    app = create_app(Settings(), store, None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        yield c
+
+
+def assert_outcome(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    body = r.json()
+    OperationOutcome.model_validate(body)
+    assert body["issue"][0]["code"] == code and body["issue"][0]["severity"] == "error"
+    return body
+
+
+async def test_metadata(client):
+    r = await client.get("/fhir/metadata")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/fhir+json"
+    cs = r.json()
+    CapabilityStatement.model_validate({**cs, "fhirVersion": "4.3.0"})  # R4B model; shape check
+    assert cs["fhirVersion"] == "4.0.1" and "security" not in cs["rest"][0]
+    types = {res["type"]: res for res in cs["rest"][0]["resource"]}
+    assert set(types) == {"Observation", "RiskAssessment"}
+    assert {p["name"] for p in types["Observation"]["searchParam"]} == {"subject", "patient", "code", "_count"}
+    assert {p["name"] for p in types["RiskAssessment"]["searchParam"]} == {"subject", "patient", "_count"}
+    assert [i["code"] for i in types["Observation"]["interaction"]] == ["read", "search-type"]
+
+
+async def test_read_with_etag_and_last_modified(client):
+    r = await client.get("/fhir/Observation/hr-3")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/fhir+json"
+    assert r.headers["etag"] == 'W/"1"' and r.headers["last-modified"].endswith("GMT")
+    assert r.json()["id"] == "hr-3" and r.json()["meta"]["versionId"] == "1"
+    r2 = await client.get("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"1"'})
+    assert r2.status_code == 304
+    ra = (await client.get("/fhir/RiskAssessment/ra-1")).json()
+    RiskAssessment.model_validate(ra)
+
+
+async def test_search_bundle_paging(client):
+    r = await client.get("/fhir/Observation", params={"subject": "Patient/p1", "code": f"{LOINC}|8867-4",
+                                                      "_count": "3"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/fhir+json"
+    bundle = r.json()
+    Bundle.model_validate(bundle)
+    assert bundle["type"] == "searchset" and bundle["total"] == 7
+    assert [e["resource"]["id"] for e in bundle["entry"]] == ["hr-6", "hr-5", "hr-4"]
+    assert all(e["search"]["mode"] == "match" for e in bundle["entry"])
+    assert bundle["entry"][0]["fullUrl"] == f"{BASE}/Observation/hr-6"
+    links = {link["relation"]: link["url"] for link in bundle["link"]}
+    assert links["self"].startswith(f"{BASE}/Observation?") and "previous" not in links
+    # follow next links to the end
+    ids = [e["resource"]["id"] for e in bundle["entry"]]
+    while "next" in links:
+        nxt = links["next"].removeprefix("http://127.0.0.1:8080")
+        page = (await client.get(nxt)).json()
+        Bundle.model_validate(page)
+        ids += [e["resource"]["id"] for e in page.get("entry", [])]
+        links = {link["relation"]: link["url"] for link in page["link"]}
+    assert ids == [f"hr-{i}" for i in range(6, -1, -1)]
+    assert "previous" in links
+
+
+async def test_search_forms(client):
+    async def ids(path, **params):
+        r = await client.get(path, params=params)
+        assert r.status_code == 200, r.text
+        return r.json()["total"], [e["resource"]["id"] for e in r.json().get("entry", [])]
+
+    assert (await ids("/fhir/Observation", subject="p1", code="59408-5")) == (1, ["spo2-1"])
+    assert (await ids("/fhir/Observation", patient="p2")) == (1, ["other"])
+    assert (await ids("/fhir/Observation", subject="p1", patient="p2")) == (0, [])
+    assert (await ids("/fhir/RiskAssessment", subject="Patient/p1")) == (1, ["ra-1"])
+    assert (await ids("/fhir/RiskAssessment", patient="p2")) == (1, ["ra-2"])
+    total, entries = await ids("/fhir/Observation", _count="0")
+    assert total == 9 and entries == []
+    bundle = (await client.get("/fhir/RiskAssessment", params={"subject": "p1"})).json()
+    Bundle.model_validate(bundle)
+    RiskAssessment.model_validate(bundle["entry"][0]["resource"])
+
+
+async def test_errors_are_operation_outcomes(client):
+    assert_outcome(await client.get("/fhir/Observation/nope"), 404, "not-found")
+    assert_outcome(await client.get("/fhir/Patient/p1"), 404, "not-supported")
+    assert_outcome(await client.get("/fhir/Patient"), 404, "not-supported")
+    assert_outcome(await client.get("/fhir/Observation", params={"_count": "-1"}), 400, "invalid")
+    assert_outcome(await client.get("/fhir/Observation", params={"_count": "x"}), 400, "invalid")
+    assert_outcome(await client.get("/fhir/Observation", params={"bogus": "1"}), 400, "not-supported")
+    assert_outcome(await client.get("/fhir/RiskAssessment", params={"code": "1"}), 400, "not-supported")
+    assert_outcome(await client.get("/fhir/Observation/a/b/c"), 404, "not-found")
+    assert_outcome(await client.get("/nothing-here"), 404, "not-found")
+    r = await client.post("/fhir/Observation", content=b"{}")
+    assert_outcome(r, 405, "not-supported")
+    assert "GET" in r.headers.get("allow", "")
+    assert_outcome(await client.delete("/fhir/Observation/hr-1"), 405, "not-supported")
+
+
+async def test_unhandled_exception_is_500_outcome():
+    app = create_app(Settings(), Boom(), None)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        body = assert_outcome(await c.get("/fhir/Observation/x"), 500, "exception")
+        assert "fire" not in orjson.dumps(body).decode()  # no internals leaked
+        assert_outcome(await c.get("/readyz"), 503, "transient")
+
+
+async def test_health(client, store):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+
+    class Stopped:
+        running = False
+    app = create_app(Settings(), store, None, consumer=Stopped())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        assert_outcome(await c.get("/readyz"), 503, "transient")
+
+
+async def test_custom_base_path(store):
+    app = create_app(Settings(fhir_base_path="/api/fhir/", public_base_url="https://vigil.example/api/fhir"),
+                     store, None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        bundle = (await c.get("/api/fhir/Observation", params={"patient": "p2"})).json()
+        assert bundle["entry"][0]["fullUrl"] == "https://vigil.example/api/fhir/Observation/other"
+        assert (await c.get("/fhir/metadata")).status_code == 404

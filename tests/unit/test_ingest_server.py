@@ -1,0 +1,230 @@
+"""The real grpc.aio IngestService server and IngestClient against the in-memory publisher twin."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from vigil_ingest import bootstrap
+from vigil_ingest.client import IngestClient, make_reading
+from vigil_ingest.publisher import MemoryPublisher, PublishUnavailable
+
+from vigil import bus
+from vigil.device.v1 import ingest_pb2, ingest_pb2_grpc
+from vigil.settings import Settings
+from vigil.timecontract import DEFAULT_T0
+
+T = DEFAULT_T0.timestamp()
+
+
+def batch(first_seq: int, n: int = 3, device="monitor-1", patient="p000001", unit="/min"):
+    return ingest_pb2.ReadingBatch(device_id=device, patient_id=patient, readings=[
+        make_reading(first_seq + i, "8867-4", 70 + i, unit, T + 60 * i) for i in range(n)])
+
+
+@pytest.fixture
+async def served():
+    pub = MemoryPublisher()
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub)
+    channel = grpc.aio.insecure_channel(srv.target)
+    yield srv, pub, channel
+    await channel.close()
+    await srv.stop(0)
+
+
+def bad_request(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    st = rpc_status.from_call(err)
+    assert st is not None, "no google.rpc.Status in the trailers"
+    out = []
+    for d in st.details:
+        br = error_details_pb2.BadRequest()
+        assert d.Unpack(br)
+        out += [(v.field, v.description) for v in br.field_violations]
+    return out
+
+
+async def test_port_zero_binds_a_real_port(served):
+    srv, _, _ = served
+    assert srv.port > 0
+
+
+async def test_stream_acks_each_batch_in_order(served):
+    _, pub, ch = served
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+    reqs = [ingest_pb2.StreamReadingsRequest(batch=batch(10 * i)) for i in range(5)]
+    acks = [r.ack async for r in stub.StreamReadings(iter(reqs))]
+    assert [(a.first_sequence, a.last_sequence, a.reading_count, a.duplicate) for a in acks] == [
+        (10 * i, 10 * i + 2, 3, False) for i in range(5)]
+    assert [m.msg_id for m in pub.messages] == [
+        bus.batch_msg_id("monitor-1", [10 * i, 10 * i + 1, 10 * i + 2]) for i in range(5)]
+    assert {m.subject for m in pub.messages} == {"vigil.v1.observation.p000001"}
+
+
+async def test_resent_batch_is_acked_as_duplicate(served):
+    _, pub, ch = served
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+    req = ingest_pb2.StreamReadingsRequest(batch=batch(1))
+    acks = [r.ack async for r in stub.StreamReadings(iter([req, req]))]
+    assert [a.duplicate for a in acks] == [False, True]
+    assert len(pub.messages) == 1
+
+
+async def test_invalid_batch_aborts_with_bad_request_after_earlier_acks(served):
+    _, pub, ch = served
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+    bad = batch(100)
+    bad.readings[1].unit = "kg"
+    bad.readings[2].code = "0000-0"
+    reqs = [ingest_pb2.StreamReadingsRequest(batch=b) for b in (batch(1), batch(10), bad, batch(200))]
+    call = stub.StreamReadings(iter(reqs))
+    acks = []
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for r in call:
+            acks.append(r.ack)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [a.first_sequence for a in acks] == [1, 10]
+    fields = [f for f, _ in bad_request(e.value)]
+    assert fields == ["readings[1].unit", "readings[2].code"]
+    assert [m.msg_id for m in pub.messages] == [
+        bus.batch_msg_id("monitor-1", [1, 2, 3]), bus.batch_msg_id("monitor-1", [10, 11, 12])]
+
+
+async def test_bus_unavailable_is_retryable_unavailable(served):
+    _, pub, ch = served
+    pub.fail_with = PublishUnavailable("NATS JetStream did not acknowledge x within 5s")
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[batch(1)]))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "did not acknowledge" in e.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for _ in stub.StreamReadings(iter([ingest_pb2.StreamReadingsRequest(batch=batch(1))])):
+            pass
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_upload_validates_all_before_publishing_any(served):
+    _, pub, ch = served
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+    bad = batch(50, unit="mmHg")
+    bad2 = batch(60, device="no spaces allowed")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[batch(1), bad, batch(5), bad2]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(e.value)] == [
+        "batches[1].readings[0].unit", "batches[1].readings[1].unit", "batches[1].readings[2].unit",
+        "batches[3].device_id"]
+    assert pub.messages == []
+    resp = await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[batch(1), batch(10)]))
+    assert [a.first_sequence for a in resp.acks] == [1, 10]
+    assert len(pub.messages) == 2
+
+
+async def test_health_and_reflection(served):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, _, ch = served
+    h = health_pb2_grpc.HealthStub(ch)
+    for service in ("", "vigil.device.v1.IngestService"):
+        resp = await h.Check(health_pb2.HealthCheckRequest(service=service))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    r = reflection_pb2_grpc.ServerReflectionStub(ch)
+    names = set()
+    async for resp in r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+        names |= {s.name for s in resp.list_services_response.service}
+    assert {"vigil.device.v1.IngestService", "grpc.health.v1.Health"} <= names
+
+
+async def test_deadline_shorter_than_a_slow_bus(served):
+    _, pub, ch = served
+    pub.delay = 2.0
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[batch(1)]), timeout=0.3)
+    assert e.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_graceful_stop_drains_in_flight_batches():
+    pub = MemoryPublisher(delay=0.5)
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub)
+    async with grpc.aio.insecure_channel(srv.target) as ch:
+        stub = ingest_pb2_grpc.IngestServiceStub(ch)
+        call = asyncio.ensure_future(stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[batch(1)])))
+        await asyncio.sleep(0.2)
+        await srv.stop(grace=5)
+        resp = await call
+    assert resp.acks[0].reading_count == 3
+    assert len(pub.messages) == 1
+
+
+async def test_client_send_upload_and_token(served):
+    srv, pub, _ = served
+    async with IngestClient(srv.target, token="abc", max_batch=2) as client:
+        acks = await client.send("monitor-2", "p000002", [(i, "8867-4", "", 60.0 + i, "/min", T) for i in range(5)])
+        assert [(a.first_sequence, a.last_sequence) for a in acks] == [(0, 1), (2, 3), (4, 4)]
+        up = await client.upload([batch(100, device="monitor-3")])
+        assert up[0].device_id == "monitor-3"
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.send("monitor-2", "p000002", [(9, "8867-4", "", 60.0, "furlongs", T)])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # the stream is re-opened after a refused batch
+        acks = await client.send("monitor-2", "p000002", [(10, "8867-4", "", 61.0, "/min", T)])
+        assert acks[0].first_sequence == 10
+    assert len(pub.messages) == 5
+
+
+async def test_client_resends_unacked_batches_after_server_restart():
+    pub = MemoryPublisher()
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub)
+    port = srv.port
+    client = IngestClient(f"127.0.0.1:{port}", retries=8, backoff=0.05)
+    try:
+        assert (await client.send("monitor-4", "p000004", [(1, "8867-4", "", 60.0, "/min", T)]))[0].duplicate is False
+        await srv.stop(0)
+        pending = asyncio.ensure_future(client.send("monitor-4", "p000004", [(2, "8867-4", "", 61.0, "/min", T)]))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        srv = await bootstrap.start(Settings(grpc_listen=f"127.0.0.1:{port}"), publisher=pub)
+        acks = await asyncio.wait_for(pending, 10)
+        assert acks[0].first_sequence == 2
+        assert client.reconnects >= 1
+        assert [m.msg_id for m in pub.messages] == [
+            bus.batch_msg_id("monitor-4", [1]), bus.batch_msg_id("monitor-4", [2])]
+    finally:
+        await client.close()
+        await srv.stop(0)
+
+
+async def test_in_flight_publishes_are_bounded():
+    class Counting(MemoryPublisher):
+        now = peak = 0
+
+        async def publish_batch(self, subject, body, msg_id, *, timeout=None):
+            Counting.now += 1
+            Counting.peak = max(Counting.peak, Counting.now)
+            try:
+                await asyncio.sleep(0.02)
+                return await super().publish_batch(subject, body, msg_id, timeout=timeout)
+            finally:
+                Counting.now -= 1
+
+    pub = Counting()
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub, max_inflight=3)
+    try:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            stub = ingest_pb2_grpc.IngestServiceStub(ch)
+
+            async def stream(dev):
+                reqs = [ingest_pb2.StreamReadingsRequest(batch=batch(10 * i, device=dev)) for i in range(10)]
+                return [r.ack async for r in stub.StreamReadings(iter(reqs))]
+
+            results = await asyncio.gather(*(stream(f"monitor-{k}") for k in range(4)))
+        assert [len(r) for r in results] == [10] * 4
+        assert all([a.first_sequence for a in r] == [10 * i for i in range(10)] for r in results)
+        assert 1 < Counting.peak <= 3
+        assert len(pub.messages) == 40
+    finally:
+        await srv.stop(0)
