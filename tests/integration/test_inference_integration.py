@@ -272,3 +272,19 @@ async def test_run_entry_point_with_local_model_starts_and_shuts_down(model_stor
     await js.delete_consumer(bus.OBSERVATIONS_STREAM, name)
     await risk.unsubscribe()
     await nc.drain()
+
+
+def test_vigil_train_without_limit_stores_a_model(tmp_path):
+    """`vigil train` with no --limit (what `vigil up` runs on first start), on a folder of 300 stays."""
+    folder = tmp_path / "stays"
+    folder.mkdir()
+    for stay in physionet.iter_stays(physionet.default_dataset(), limit=300):
+        rows = "\n".join("|".join("NaN" if v != v else f"{v:g}" for v in row) for row in stay.data)
+        (folder / f"{stay.stem}.psv").write_text("|".join(physionet.COLUMNS) + "\n" + rows + "\n")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    subprocess.run([sys.executable, "-m", "vigil.cli", "train", "--data", str(folder)], env=env, check=True,
+                   timeout=300, capture_output=True)
+    code = "from vigil_inference.model import load_model; m = load_model(); print(m.metadata['limit'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.split()[-1] == "all"

@@ -160,7 +160,7 @@ def train(dataset_path: str | os.PathLike | None = None, *, limit: int | None = 
             "n_stays": n_stays, "n_train_stays": len(g_tr), "n_valid_stays": len(g_va),
             "n_test_stays": len(g_te), "n_rows": len(ds.y), "best_iteration": best_it,
             "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "dataset": path.name, "limit": limit, "seed": seed, "xgboost": xgb.__version__,
+            "dataset": path.name, "limit": "all" if limit is None else limit, "seed": seed, "xgboost": xgb.__version__,
             "params": {k: v for k, v in params.items() if k != "nthread"},
             "features_module": "vigil_inference.features",
         }
