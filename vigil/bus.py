@@ -14,6 +14,8 @@ OBSERVATIONS_STREAM = "VIGIL_OBSERVATIONS"
 OBSERVATIONS_SUBJECTS = "vigil.v1.observation.>"
 RISK_STREAM = "VIGIL_RISK"
 RISK_SUBJECTS = "vigil.v1.riskassessment.>"
+# Administrative resources: Patient and Encounter (written by EHRs through the gateway) and Device
+# (registered through the device API), one resource per message on vigil.v1.ehr.<type>.<id>.
 EHR_STREAM = "VIGIL_EHR"
 EHR_SUBJECTS = "vigil.v1.ehr.>"
 
