@@ -16,7 +16,7 @@ from vigil import devservers
 
 def main() -> int:
     env_file = pathlib.Path(sys.argv[1])
-    ehr, dev = secrets.token_hex(16), secrets.token_hex(16)
+    ehr, dev, other = secrets.token_hex(16), secrets.token_hex(16), secrets.token_hex(16)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -27,7 +27,8 @@ def main() -> int:
         servers.append(pg := devservers.start_postgres())
         print("ci-servers: PostgreSQL", pg.url, flush=True)
         servers.append(kc := devservers.start_keycloak(
-            env={"VIGIL_EHR_CLIENT_SECRET": ehr, "VIGIL_DEVICE_CLIENT_SECRET": dev}))
+            env={"VIGIL_EHR_CLIENT_SECRET": ehr, "VIGIL_DEVICE_CLIENT_SECRET": dev,
+                 "VIGIL_DEVICE_OTHER_CLIENT_SECRET": other}))
         print("ci-servers: Keycloak", kc.url, flush=True)
         tmp = env_file.with_suffix(".tmp")
         tmp.write_text(
@@ -35,7 +36,8 @@ def main() -> int:
             f"export VIGIL_TEST_DATABASE_URL={pg.url}\n"
             f"export VIGIL_TEST_KEYCLOAK_URL={kc.url}\n"
             f"export VIGIL_EHR_CLIENT_SECRET={ehr}\n"
-            f"export VIGIL_DEVICE_CLIENT_SECRET={dev}\n")
+            f"export VIGIL_DEVICE_CLIENT_SECRET={dev}\n"
+            f"export VIGIL_DEVICE_OTHER_CLIENT_SECRET={other}\n")
         tmp.rename(env_file)
         stop.wait()
     finally:

@@ -3,7 +3,8 @@
 Each server comes from an environment variable when .ci/run (or a developer) already started one,
 otherwise the fixture starts its own on a free loopback port with a temporary store:
 VIGIL_TEST_NATS_URL, VIGIL_TEST_DATABASE_URL (PostgreSQL), VIGIL_TEST_KEYCLOAK_URL (+ the client
-secrets VIGIL_EHR_CLIENT_SECRET and VIGIL_DEVICE_CLIENT_SECRET it was started with).
+secrets VIGIL_EHR_CLIENT_SECRET, VIGIL_DEVICE_CLIENT_SECRET and VIGIL_DEVICE_OTHER_CLIENT_SECRET it was
+started with).
 """
 from __future__ import annotations
 
@@ -57,12 +58,15 @@ class Keycloak:
     url: str
     ehr_secret: str
     device_secret: str
+    device_other_secret: str = ""
 
     @property
     def issuer(self) -> str:
         return f"{self.url}/realms/vigil"
 
     def token(self, client_id: str = "vigil-ehr", secret: str | None = None) -> str:
+        if secret is None and client_id == "vigil-device-other":
+            secret = self.device_other_secret
         secret = secret or (self.device_secret if client_id.startswith("vigil-device") else self.ehr_secret)
         data = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": client_id,
                                        "client_secret": secret}).encode()
@@ -74,8 +78,9 @@ class Keycloak:
 def keycloak():
     if os.environ.get("VIGIL_TEST_KEYCLOAK_URL"):
         yield Keycloak(os.environ["VIGIL_TEST_KEYCLOAK_URL"], os.environ["VIGIL_EHR_CLIENT_SECRET"],
-                       os.environ["VIGIL_DEVICE_CLIENT_SECRET"])
+                       os.environ["VIGIL_DEVICE_CLIENT_SECRET"], os.environ.get("VIGIL_DEVICE_OTHER_CLIENT_SECRET", ""))
         return
-    ehr, dev = secrets.token_hex(16), secrets.token_hex(16)
-    with devservers.start_keycloak(env={"VIGIL_EHR_CLIENT_SECRET": ehr, "VIGIL_DEVICE_CLIENT_SECRET": dev}) as s:
-        yield Keycloak(s.url, ehr, dev)
+    ehr, dev, other = secrets.token_hex(16), secrets.token_hex(16), secrets.token_hex(16)
+    with devservers.start_keycloak(env={"VIGIL_EHR_CLIENT_SECRET": ehr, "VIGIL_DEVICE_CLIENT_SECRET": dev,
+                                        "VIGIL_DEVICE_OTHER_CLIENT_SECRET": other}) as s:
+        yield Keycloak(s.url, ehr, dev, other)

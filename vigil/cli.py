@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "vigil_ingest.cli",  # ingest, replay
     "vigil_inference.cli",  # train, worker, serve-model
     "vigil_gateway.cli",  # gateway
+    "vigil_bench.cli",  # bench
 )
 
 

@@ -7,13 +7,13 @@ subject, effective[x] and a UCUM valueQuantity. Labs carry category laboratory
 """
 from __future__ import annotations
 
-import datetime as dt
 import math
+import time
 from dataclasses import dataclass
 
 from vigil import codes
 from vigil.catalogue import Catalogue, Measurement
-from vigil.ids import is_fhir_id, observation_id
+from vigil.ids import is_fhir_id, observation_id, observation_ids
 
 MAX_BATCH = 10_000
 
@@ -26,12 +26,26 @@ class Violation:
     description: str
 
 
+_INSTANTS: dict[float, str] = {}
+
+
 def format_instant(epoch_seconds: float) -> str:
-    """FHIR dateTime/instant in UTC with second or sub-second precision."""
-    t = dt.datetime.fromtimestamp(epoch_seconds, tz=dt.UTC)
-    if t.microsecond:
-        return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """FHIR dateTime/instant in UTC with second or millisecond precision (memoised: readings of a
+    batch share few distinct times)."""
+    s = _INSTANTS.get(epoch_seconds)
+    if s is None:
+        if len(_INSTANTS) > 65536:
+            _INSTANTS.clear()
+        whole = math.floor(epoch_seconds)
+        frac = epoch_seconds - whole
+        base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        if frac:
+            ms = min(999, round(frac * 1e6) // 1000)  # truncation as datetime isoformat(milliseconds)
+            s = f"{base}.{ms:03d}Z"
+        else:
+            s = base + "Z"
+        _INSTANTS[epoch_seconds] = s
+    return s
 
 
 def _category(m: Measurement) -> list[dict]:
@@ -48,46 +62,135 @@ def _code(m: Measurement) -> dict:
     return {"coding": coding, "text": m.display}
 
 
+def _meta(m: Measurement) -> dict | None:
+    if m.category != "vital-signs":
+        return None
+    return {"profile": [codes.VITAL_SIGNS_PROFILE] + ([m.profile] if m.profile else [])}
+
+
+def _implausible(m: Measurement) -> list[dict]:
+    return [{
+        "coding": [{"system": codes.DATA_QUALITY_SYSTEM, "code": "implausible",
+                    "display": "Outside the physiologic plausibility range"}],
+        "text": f"outside plausible range {m.plausible[0]:g}..{m.plausible[1]:g} {m.ucum}",
+    }]
+
+
+class _Parts:
+    """Per-measurement constant parts of an Observation, built once and shared by every reading
+    (they are only serialized, never mutated, on the hot path)."""
+
+    __slots__ = ("category", "code", "implausible", "meta")
+
+    def __init__(self, m: Measurement):
+        self.category = _category(m)
+        self.code = _code(m)
+        self.meta = _meta(m)
+        self.implausible = _implausible(m)
+
+
+_PARTS: dict[int, _Parts] = {}
+
+
+def _parts(m: Measurement) -> _Parts:
+    p = _PARTS.get(id(m))
+    if p is None:
+        p = _PARTS[id(m)] = _Parts(m)
+    return p
+
+
+def _quantity(m: Measurement, value: float) -> dict:
+    return {"value": value, "unit": m.ucum, "system": codes.UCUM, "code": m.ucum}
+
+
 def build_observation(
-    m: Measurement, *, device_id: str, patient_id: str, sequence: int, value: float, effective: float
+    m: Measurement, *, device_id: str, patient_id: str, sequence: int, value: float | None, effective: float,
+    components: list[tuple[Measurement, float]] | None = None, obs_id: str | None = None,
+    _shared: bool = False,
 ) -> dict:
-    """One Observation dict for a reading already validated and converted to the catalogue unit."""
+    """One Observation dict for a reading already validated and converted to the catalogue unit.
+
+    A panel (m.components) has `components` [(component measurement, canonical value)] and no value.
+    """
+    parts = _parts(m)
     obs: dict = {
         "resourceType": "Observation",
-        "id": observation_id(device_id, sequence),
+        "id": obs_id or observation_id(device_id, sequence),
         "identifier": [{"system": codes.READING_IDENTIFIER_SYSTEM, "value": f"{device_id}/{sequence}"}],
         "status": "final",
-        "category": _category(m),
-        "code": _code(m),
+        "category": parts.category if _shared else _category(m),
+        "code": parts.code if _shared else _code(m),
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": format_instant(effective),
-        "valueQuantity": {"value": value, "unit": m.ucum, "system": codes.UCUM, "code": m.ucum},
         "device": {"reference": f"Device/{device_id}"},
     }
-    if m.category == "vital-signs":
-        profiles = [codes.VITAL_SIGNS_PROFILE] + ([m.profile] if m.profile else [])
-        obs["meta"] = {"profile": profiles}
-    if not m.is_plausible(value):
-        # Flagged, never dropped: the value stays, marked for review.
-        obs["status"] = "preliminary"
-        obs["interpretation"] = [{
-            "coding": [{"system": codes.DATA_QUALITY_SYSTEM, "code": "implausible",
-                        "display": "Outside the physiologic plausibility range"}],
-            "text": f"outside plausible range {m.plausible[0]:g}..{m.plausible[1]:g} {m.ucum}",
-        }]
+    if components is None:
+        obs["valueQuantity"] = _quantity(m, value)
+        if not m.is_plausible(value):
+            # Flagged, never dropped: the value stays, marked for review.
+            obs["status"] = "preliminary"
+            obs["interpretation"] = parts.implausible if _shared else _implausible(m)
+    else:
+        comps = []
+        for cm, cv in components:
+            c = {"code": _parts(cm).code if _shared else _code(cm), "valueQuantity": _quantity(cm, cv)}
+            if not cm.is_plausible(cv):
+                c["interpretation"] = _parts(cm).implausible if _shared else _implausible(cm)
+                obs["status"] = "preliminary"
+            comps.append(c)
+        obs["component"] = comps
+    if parts.meta is not None:
+        obs["meta"] = parts.meta if _shared else _meta(m)
     return obs
+
+
+def _panel_components(m: Measurement, comps, where: str, catalogue: Catalogue,
+                      violations: list[Violation]) -> list[tuple[Measurement, float]] | None:
+    out: list[tuple[Measurement, float]] = []
+    seen: set[str] = set()
+    ok = True
+    for j, (code, system, value, unit) in enumerate(comps):
+        cw = f"{where}.components[{j}]"
+        cm = catalogue.lookup(code, system)
+        if cm is None or cm.key not in m.components:
+            violations.append(Violation(f"{cw}.code", f"{system or codes.LOINC}|{code} is not a component of "
+                                                      f"{m.key} (allowed: {list(m.components)})"))
+            ok = False
+            continue
+        if cm.key in seen:
+            violations.append(Violation(f"{cw}.code", f"component {cm.key} appears twice"))
+            ok = False
+            continue
+        seen.add(cm.key)
+        if not math.isfinite(value):
+            violations.append(Violation(f"{cw}.value", "value must be a finite number"))
+            ok = False
+            continue
+        canonical = cm.to_canonical(value, unit)
+        if canonical is None:
+            violations.append(Violation(
+                f"{cw}.unit", f"unit {unit!r} is not accepted for {cm.key}; use one of {list(cm.accepted_units)}"))
+            ok = False
+            continue
+        out.append((cm, canonical))
+    missing = [k for k in m.required if k not in seen]
+    if missing and ok:
+        violations.append(Violation(f"{where}.components", f"panel {m.key} needs components {missing}"))
+        ok = False
+    return out if ok else None
 
 
 def map_batch(
     catalogue: Catalogue,
     device_id: str,
     patient_id: str,
-    readings: list[tuple[int, str, str, float, str, float]],
+    readings: list[tuple],
 ) -> tuple[list[dict], list[Violation]]:
     """Validate and map a batch as a whole.
 
-    `readings` are (sequence, code, system, value, unit, effective epoch seconds). Returns the
-    Observations, or no Observations and every violation found (the batch is refused whole).
+    `readings` are (sequence, code, system, value, unit, effective epoch seconds[, components]) where
+    components are (code, system, value, unit) tuples of a panel reading. Returns the Observations, or
+    no Observations and every violation found (the batch is refused whole).
     """
     violations: list[Violation] = []
     if not is_fhir_id(device_id):
@@ -103,28 +206,69 @@ def map_batch(
 
     out: list[dict] = []
     seen: set[int] = set()
-    for i, (seq, code, system, value, unit, effective) in enumerate(readings):
-        where = f"readings[{i}]"
+    lookup = catalogue.by_input.get
+    loinc = codes.LOINC
+    ids = observation_ids(device_id)
+    identifier_prefix = f"{device_id}/"
+    subject = {"reference": f"Patient/{patient_id}"}
+    device = {"reference": f"Device/{device_id}"}
+    reading_system = codes.READING_IDENTIFIER_SYSTEM
+    instants = _INSTANTS
+    for i, r in enumerate(readings):
+        seq, code, system, value, unit, effective = r[:6]
         if seq in seen:
-            violations.append(Violation(f"{where}.sequence", f"sequence {seq} appears twice in the batch"))
+            violations.append(Violation(f"readings[{i}].sequence", f"sequence {seq} appears twice in the batch"))
         seen.add(seq)
-        m = catalogue.lookup(code, system)
+        m = lookup((system or loinc, code))
         if m is None:
-            violations.append(Violation(f"{where}.code", f"unknown measurement code {system or codes.LOINC}|{code}"))
-            continue
-        if not math.isfinite(value):
-            violations.append(Violation(f"{where}.value", "value must be a finite number"))
+            violations.append(Violation(f"readings[{i}].code", f"unknown measurement code {system or loinc}|{code}"))
             continue
         if effective <= 0:
-            violations.append(Violation(f"{where}.effective_time", "effective_time is required"))
+            violations.append(Violation(f"readings[{i}].effective_time", "effective_time is required"))
             continue
-        canonical = m.to_canonical(value, unit)
-        if canonical is None:
-            violations.append(Violation(
-                f"{where}.unit", f"unit {unit!r} is not accepted for {m.key}; use one of {list(m.accepted_units)}"))
+        if m.components:
+            comps = _panel_components(m, r[6] if len(r) > 6 else (), f"readings[{i}]", catalogue, violations)
+            if comps is None or violations:
+                continue
+            out.append(build_observation(m, device_id=device_id, patient_id=patient_id, sequence=seq, value=None,
+                                         effective=effective, components=comps, obs_id=ids(seq), _shared=True))
             continue
-        out.append(build_observation(m, device_id=device_id, patient_id=patient_id, sequence=seq,
-                                     value=canonical, effective=effective))
+        if len(r) > 6 and r[6]:
+            violations.append(Violation(f"readings[{i}].components", f"{m.key} is not a panel; send no components"))
+            continue
+        if not math.isfinite(value):
+            violations.append(Violation(f"readings[{i}].value", "value must be a finite number"))
+            continue
+        if unit == m.ucum:
+            canonical = value
+        else:
+            canonical = m.to_canonical(value, unit)
+            if canonical is None:
+                violations.append(Violation(
+                    f"readings[{i}].unit", f"unit {unit!r} is not accepted for {m.key}; use one of {list(m.accepted_units)}"))
+                continue
+        if violations:
+            continue  # the batch is refused anyway: only collect violations
+        parts = _PARTS.get(id(m)) or _parts(m)
+        eff = instants.get(effective) or format_instant(effective)
+        obs = {
+            "resourceType": "Observation",
+            "id": ids(seq),
+            "identifier": [{"system": reading_system, "value": f"{identifier_prefix}{seq}"}],
+            "status": "final",
+            "category": parts.category,
+            "code": parts.code,
+            "subject": subject,
+            "effectiveDateTime": eff,
+            "valueQuantity": {"value": canonical, "unit": m.ucum, "system": codes.UCUM, "code": m.ucum},
+            "device": device,
+        }
+        if parts.meta is not None:
+            obs["meta"] = parts.meta
+        if not (m.plausible[0] <= canonical <= m.plausible[1]):
+            obs["status"] = "preliminary"
+            obs["interpretation"] = parts.implausible
+        out.append(obs)
     if violations:
         return [], violations
     return out, []

@@ -27,6 +27,11 @@ class Settings:
     worker_name: str = "vigil-inference"
     stream_replicas: int = 1  # JetStream replicas per stream (3 on a 3-node cluster)
     gateway_consumer_name: str = "vigil-gateway"
+    # Device ingest API: token audience, and optional TLS (PEM files); with a client CA, mTLS is required.
+    ingest_audience: str = "vigil-ingest"
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    grpc_tls_client_ca: str = ""
     extra: dict = field(default_factory=dict)
 
     @property

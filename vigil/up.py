@@ -131,8 +131,9 @@ def _ensure_model(env: dict[str, str], dataset: str | None, sup: Supervisor) -> 
         env=env, capture_output=True, check=False)
     if probe.returncode == 0:
         return
-    print("vigil: no model in the BentoML store yet; training one on the data set (vigil train)...", flush=True)
-    args = [sys.executable, "-m", "vigil.cli", "train"] + (["--data", dataset] if dataset else [])
+    print("vigil: no model in the BentoML store yet; training a quick one (vigil train --quick). "
+          "Run `vigil train` for the full cross-validated model.", flush=True)
+    args = [sys.executable, "-m", "vigil.cli", "train", "--quick"] + (["--data", dataset] if dataset else [])
     subprocess.run(args, env=env, check=True)
 
 
@@ -210,6 +211,19 @@ def cmd_up(args) -> int:
         print("vigil: stopped", flush=True)
 
 
+def _client_token(issuer: str, client_id: str, secret: str | None) -> str | None:
+    if not secret:
+        print(f"vigil: demo: no secret for {client_id}; writing without a token", file=sys.stderr)
+        return None
+    import json
+    import urllib.parse
+
+    data = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": client_id,
+                                   "client_secret": secret}).encode()
+    with urllib.request.urlopen(f"{issuer}/protocol/openid-connect/token", data, timeout=10) as r:
+        return json.load(r)["access_token"]
+
+
 def _run_demo(args, fhir_base: str) -> None:
     import asyncio
 
@@ -218,7 +232,14 @@ def _run_demo(args, fhir_base: str) -> None:
     from vigil.physionet import default_dataset
 
     path = args.dataset or str(default_dataset())
+    fhir_token = None
+    if args.oidc_issuer:
+        # Device token from VIGIL_DEVICE_CLIENT_SECRET (replay's default credentials); EHR token for the
+        # Patient/Encounter writes from VIGIL_EHR_CLIENT_SECRET.
+        os.environ.setdefault("VIGIL_OIDC_ISSUER", args.oidc_issuer)
+        fhir_token = _client_token(args.oidc_issuer, "vigil-ehr", os.environ.get("VIGIL_EHR_CLIENT_SECRET"))
     print(f"vigil: demo: replaying {args.demo_stays} stays from {path}", flush=True)
-    stats = asyncio.run(replay(path, target=args.grpc_listen, limit=args.demo_stays))
+    stats = asyncio.run(replay(path, target=args.grpc_listen, limit=args.demo_stays, fhir_base=fhir_base,
+                               fhir_token=fhir_token))
     print(f"vigil: demo: sent {stats}", flush=True)
     print(f"vigil: demo: try  curl '{fhir_base}/RiskAssessment?subject=Patient/p000001'", flush=True)

@@ -7,6 +7,7 @@ Needs helm (built by the script with `go install` when missing) and package-regi
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import pathlib
 import shutil
@@ -162,3 +163,18 @@ def test_worker_is_not_scaled_out_by_mistake(tmp_path):
         pytest.skip("helm not installed (run scripts/chart-check.sh first)")
     bad = _helm_template(tmp_path, "--set", "worker.replicaCount=2")
     assert bad.returncode != 0 and "per-patient state" in bad.stderr
+
+
+def test_realm_import_drops_test_only_clients_and_fails_closed():
+    """The chart's realm import never creates the test vendors, and an unset secret stops it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("realm_import", CHART / "files" / "realm-import.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (CHART / "files" / "vigil-realm.json").read_text()
+    realm = mod.prepare(text, {"VIGIL_EHR_CLIENT_SECRET": "e" * 32, "VIGIL_DEVICE_CLIENT_SECRET": "d" * 32})
+    assert [c["clientId"] for c in realm["clients"]] == ["vigil-ehr", "vigil-device-demo"]
+    assert "${" not in json.dumps(realm)
+    with pytest.raises(SystemExit, match="VIGIL_DEVICE_CLIENT_SECRET"):
+        mod.prepare(text, {"VIGIL_EHR_CLIENT_SECRET": "e" * 32})

@@ -76,12 +76,14 @@ def test_replayed_stays_come_back_as_risk_assessments(pipeline, keycloak):
     from fhir.resources.R4B.riskassessment import RiskAssessment
     from vigil_ingest.replay import replay
 
-    stats = asyncio.run(replay(default_dataset(), target=pipeline["grpc"], limit=N_STAYS))
-    expected = _expected_assessments()
-    assert len(expected) == N_STAYS
-
     token = keycloak.token("vigil-ehr")
     auth = {"Authorization": f"Bearer {token}"}
+    # As a device gateway (device token) plus an EHR writing Patient and Encounters (EHR token).
+    stats = asyncio.run(replay(default_dataset(), target=pipeline["grpc"], limit=N_STAYS,
+                               token=keycloak.token("vigil-device-demo"), fhir_base=pipeline["fhir"],
+                               fhir_token=token))
+    expected = _expected_assessments()
+    assert len(expected) == N_STAYS
     base = pipeline["fhir"]
     got: dict[str, int] = {}
     deadline = time.monotonic() + 240
@@ -90,8 +92,8 @@ def test_replayed_stays_come_back_as_risk_assessments(pipeline, keycloak):
             for stem, n in expected.items():
                 if got.get(stem) == n:
                     continue
-                r = client.get(f"{base}/RiskAssessment", params={"subject": f"Patient/{stem}", "_count": 1},
-                               headers=auth)
+                r = client.get(f"{base}/RiskAssessment", params={"subject": f"Patient/{stem}", "_count": 1,
+                                                                  "method": "vigil-sepsis"}, headers=auth)
                 assert r.status_code == 200, r.text
                 got[stem] = r.json()["total"]
             if got == expected:
@@ -100,7 +102,8 @@ def test_replayed_stays_come_back_as_risk_assessments(pipeline, keycloak):
         assert got == expected, f"replay stats {stats}; log:\n{pipeline['log'].read_text()[-3000:]}"
 
         stem = next(iter(expected))
-        r = client.get(f"{base}/RiskAssessment", params={"subject": stem, "_count": 5}, headers=auth)
+        r = client.get(f"{base}/RiskAssessment", params={"subject": stem, "_count": 5, "method": "vigil-sepsis"},
+                       headers=auth)
         assert r.headers["content-type"].startswith("application/fhir+json")
         bundle = r.json()
         Bundle.model_validate(bundle)
@@ -117,6 +120,15 @@ def test_replayed_stays_come_back_as_risk_assessments(pipeline, keycloak):
                        headers=auth)
         assert r.status_code == 200 and r.json()["total"] > 0
         assert all(e["resource"]["code"]["coding"][0]["code"] == "8867-4" for e in r.json()["entry"])
+
+        # The EHR's writes are there, and the rule-based NEWS2 model scored the same stay.
+        r = client.get(f"{base}/Patient/{stem}", headers=auth)
+        assert r.status_code == 200
+        assert r.json()["identifier"][0] == {"system": "https://physionet.org/content/challenge-2019/",
+                                             "value": stem}
+        r = client.get(f"{base}/RiskAssessment", params={"subject": stem, "method": "vigil-news2", "_count": 1},
+                       headers=auth)
+        assert r.status_code == 200 and r.json()["total"] > 0
 
         # No token, or a token not issued for the FHIR API: 401 with an OperationOutcome.
         r = client.get(f"{base}/RiskAssessment", params={"subject": stem})

@@ -26,8 +26,8 @@ def store(request, tmp_path):
         s = build_store(f"sqlite:///{tmp_path}/nested/dir/gateway.db")
     else:
         s = build_store(request.getfixturevalue("fresh_postgres_url"))
-    assert s.migrate() == 1
-    assert s.migrate() == 1  # idempotent
+    assert s.migrate() == 2
+    assert s.migrate() == 2  # idempotent
     yield s
     s.close()
 
@@ -131,3 +131,51 @@ def test_large_batch(store):
         UpsertCounts(unchanged=2500)
     assert store.search("Observation", subject="Patient/p3", count=1)[0] == len(range(3, 2500, 7))
     assert store.ping()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def test_upgrade_from_schema_1_reindexes_existing_rows(dialect, request, tmp_path, monkeypatch):
+    """A database created by 0001 (resources + resource_tokens) upgrades in place: history rows,
+    index rows and creation sequence numbers are built for the existing resources."""
+    import orjson
+    from vigil_gateway import migrate as migrate_mod
+    from vigil_gateway import postgres_store, sqlite_store
+
+    url = f"sqlite:///{tmp_path}/old.db" if dialect == "sqlite" else request.getfixturevalue("fresh_postgres_url")
+    only_first = lambda d: migrate_mod.migration_files(d)[:1]
+    monkeypatch.setattr(sqlite_store, "migration_files", only_first)
+    monkeypatch.setattr(postgres_store, "migration_files", only_first)
+    old = build_store(url)
+    assert old.migrate() == 1
+    body = obs("legacy")
+    body["meta"] = {"versionId": "3", "lastUpdated": "2025-01-01T00:00:00.000000Z"}
+    with _raw(old) as execute:
+        execute("INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, content_hash, "
+                "body) VALUES ('Observation', 'legacy', 3, '2025-01-01T00:00:00.000000Z', 'Patient/p1', "
+                "'2026-01-01T10:00:00.000000Z', 'x', ?)", orjson.dumps(body).decode())
+    old.close()
+    monkeypatch.undo()
+    new = build_store(url)
+    assert new.migrate() == 2
+    assert new.search("Observation", subject="Patient/p1", code=[TokenFilter(LOINC, HR)])[0] == 1
+    assert new.vread("Observation", "legacy", 3)["meta"]["versionId"] == "3"
+    assert new.upsert_many([obs("fresh")]) == UpsertCounts(new=1)
+    assert new.search("Observation", subject="Patient/p1")[0] == 2
+    new.close()
+
+
+class _raw:
+    """Execute one statement on a store's write connection with `?` placeholders, committed."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        conn = self.store._write
+        if self.store.dialect == "sqlite":
+            return lambda sql, *a: conn.execute(sql, a)
+        return lambda sql, *a: conn.execute(sql.replace("?", "%s"), a)
+
+    def __exit__(self, *exc):
+        if self.store.dialect == "postgresql" and exc[0] is None:
+            self.store._write.commit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -71,8 +72,9 @@ def test_training_result_is_stored_with_metadata(model_store):
     env = model_store.env
     result = model_store.result
     assert result["tag"].startswith("vigil-sepsis:") and result["n_stays"] == 300
-    assert 0 < result["threshold"] < 1 and result["n_train_stays"] + result["n_valid_stays"] + result[
-        "n_test_stays"] == 300
+    assert 0 < result["threshold"] < 1 and result["n_folds"] == 3 and 0 < result["auroc"] <= 1
+    lo, hi = result["auroc_ci"]
+    assert lo <= hi and "NEWS2" in result["evaluation"]
     code = ("from vigil_inference.model import load_model; m = load_model(); "
             "print(m.version, m.threshold, len(m.feature_names))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
@@ -94,7 +96,7 @@ async def test_bentoml_predict_equals_booster(model_store, model_server):
             await asyncio.sleep(0.3)
         assert (await http.get("/readyz")).status_code == 200
         stays = list(physionet.iter_stays(physionet.default_dataset(), limit=3))
-        x = np.vstack([F.features_for_grid(F.grid_from_stay(s)[0]) for s in stays])
+        x = np.vstack([F.stay_features(s)[0] for s in stays])
         assert np.isnan(x).any()  # missing values travel as null
         expected = booster.predict(xgb.DMatrix(x, missing=np.nan, feature_names=F.feature_names()))
         r = await http.post("/predict", content=encode_features(x), headers={"content-type": "application/json"})
@@ -104,6 +106,9 @@ async def test_bentoml_predict_equals_booster(model_store, model_server):
         client = ModelClient(model_server)
         rows = await asyncio.gather(*(client.predict(x[i:i + 1]) for i in range(20)))
         np.testing.assert_allclose(np.concatenate(rows), expected[:20], rtol=0, atol=1e-6)
+        explained = await client.predict_explain(x[:7])
+        np.testing.assert_allclose(explained[:, 0], expected[:7], rtol=0, atol=1e-6)
+        assert explained.shape == (7, 11)
         meta = await client.metadata()
         assert meta["name"] == "vigil-sepsis" and meta["threshold"] == result["threshold"]
         assert meta["feature_names"] == F.feature_names() and result["tag"].endswith(meta["version"])
@@ -168,7 +173,8 @@ async def test_worker_publishes_risk_assessments_and_dedupes_redelivery(model_st
 
     settings = Settings(nats_url=nats_url, bentoml_url=model_server, worker_name=f"w-{prefix}")
     client = ModelClient(model_server)
-    worker = Worker(js, client, settings, batch_size=4, filter_subject=f"vigil.v1.observation.{prefix}.>")
+    worker = Worker(js, client, settings, batch_size=4, filter_subject=f"vigil.v1.observation.{prefix}.>",
+                    ehr_filter_subject=f"vigil.v1.ehr.*.{prefix}.>", news2=False, anomaly=False)
     await worker.start()
     published = await _drain(worker, n_msgs)
     assert {(p.patient_id, p.interval_index) for p in published} == {
@@ -203,7 +209,8 @@ async def test_worker_publishes_risk_assessments_and_dedupes_redelivery(model_st
     # Redelivery: a fresh durable replays the whole stream -> identical results, deduplicated.
     worker2 = Worker(js, client, Settings(nats_url=nats_url, bentoml_url=model_server,
                                           worker_name=f"w2-{prefix}"),
-                     batch_size=3, filter_subject=f"vigil.v1.observation.{prefix}.>")
+                     batch_size=3, filter_subject=f"vigil.v1.observation.{prefix}.>",
+                     ehr_filter_subject=f"vigil.v1.ehr.*.{prefix}.>", news2=False, anomaly=False)
     await worker2.start()
     republished = await _drain(worker2, n_msgs)
     assert {p.msg_id for p in republished} <= set(latest)
@@ -225,7 +232,8 @@ async def test_worker_publishes_risk_assessments_and_dedupes_redelivery(model_st
     assert len(await _risk_messages(js, prefix)) == len(msgs) + 1
 
     for w in (worker, worker2):
-        await js.delete_consumer(bus.OBSERVATIONS_STREAM, w.settings.worker_name)
+        await js.delete_consumer(bus.OBSERVATIONS_STREAM, w.durable)
+        await js.delete_consumer(bus.EHR_STREAM, f"{w.durable}-ehr")
         await w.stop()
     await client.aclose()
     await nc.drain()
@@ -256,7 +264,8 @@ async def test_run_entry_point_with_local_model_starts_and_shuts_down(model_stor
     await bus.ensure_streams(js)
     ready = asyncio.Event()
     task = asyncio.create_task(run(settings, ready=ready, model_client=local,
-                                   filter_subject=f"vigil.v1.observation.{prefix}.>"))
+                                   filter_subject=f"vigil.v1.observation.{prefix}.>",
+                                   ehr_filter_subject=f"vigil.v1.ehr.*.{prefix}.>"))
     await asyncio.wait_for(ready.wait(), 20)
     stay = next(physionet.iter_stays(physionet.default_dataset(), limit=1))
     pid = f"{prefix}.0"
@@ -270,6 +279,7 @@ async def test_run_entry_point_with_local_model_starts_and_shuts_down(model_stor
     with pytest.raises(asyncio.CancelledError):
         await task
     await js.delete_consumer(bus.OBSERVATIONS_STREAM, name)
+    await js.delete_consumer(bus.EHR_STREAM, f"{name}-ehr")
     await risk.unsubscribe()
     await nc.drain()
 
@@ -279,11 +289,14 @@ def test_vigil_train_without_limit_stores_a_model(tmp_path):
     folder = tmp_path / "stays"
     folder.mkdir()
     for stay in physionet.iter_stays(physionet.default_dataset(), limit=300):
-        rows = "\n".join("|".join("NaN" if v != v else f"{v:g}" for v in row) for row in stay.data)
+        rows = "\n".join("|".join("NaN" if math.isnan(v) else f"{v:g}" for v in row) for row in stay.data)
         (folder / f"{stay.stem}.psv").write_text("|".join(physionet.COLUMNS) + "\n" + rows + "\n")
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    subprocess.run([sys.executable, "-m", "vigil.cli", "train", "--data", str(folder)], env=env, check=True,
-                   timeout=300, capture_output=True)
+    subprocess.run([sys.executable, "-m", "vigil.cli", "train", "--data", str(folder), "--card-dir",
+                    str(tmp_path / "card")], env=env, check=True, timeout=300, capture_output=True)
+    card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    assert "AUROC" in card and "NEWS2" in card and "Limitations" in card
+    assert (tmp_path / "card" / "roc.png").stat().st_size > 1000 and (tmp_path / "card" / "calibration.png").exists()
     code = "from vigil_inference.model import load_model; m = load_model(); print(m.metadata['limit'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                          check=True)

@@ -16,7 +16,7 @@ from vigil_ingest.client import make_reading
 from vigil_ingest.replay import replay
 
 from vigil import bus, physionet
-from vigil.device.v1 import ingest_pb2, ingest_pb2_grpc
+from vigil.device.v1 import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from vigil.settings import Settings
 from vigil.timecontract import DEFAULT_T0
 
@@ -31,6 +31,15 @@ def uid(prefix: str) -> str:
 def batch(device: str, patient: str, first_seq: int, n: int = 3, unit: str = "/min"):
     return ingest_pb2.ReadingBatch(device_id=device, patient_id=patient, readings=[
         make_reading(first_seq + i, "8867-4", 70 + i, unit, T + 60 * i) for i in range(n)])
+
+
+async def bind(ch, device: str, patient: str, start: float = T - 86400) -> None:
+    """Register `device` and bind it to `patient` from `start` (readings need a binding)."""
+    stub = device_pb2_grpc.DeviceServiceStub(ch)
+    await stub.RegisterDevice(device_pb2.RegisterDeviceRequest(device=device_pb2.Device(device_id=device)))
+    b = device_pb2.Binding(patient_id=patient)
+    b.start_time.seconds = int(start)
+    await stub.BindPatient(device_pb2.BindPatientRequest(device_id=device, binding=b))
 
 
 @pytest.fixture
@@ -53,6 +62,7 @@ async def count(js, subject: str) -> int:
 async def test_each_ack_comes_after_the_message_is_in_the_stream(ingest):
     _srv, js, ch = ingest
     device, patient = uid("mon"), uid("pt")
+    await bind(ch, device, patient)
     subject = bus.observation_subject(patient)
     stub = ingest_pb2_grpc.IngestServiceStub(ch)
     call = stub.StreamReadings()
@@ -78,6 +88,7 @@ async def test_each_ack_comes_after_the_message_is_in_the_stream(ingest):
 async def test_resent_batch_is_a_duplicate_and_stored_once(ingest):
     _srv, js, ch = ingest
     device, patient = uid("mon"), uid("pt")
+    await bind(ch, device, patient)
     stub = ingest_pb2_grpc.IngestServiceStub(ch)
     req = ingest_pb2.StreamReadingsRequest(batch=batch(device, patient, 1))
     first = [r.ack async for r in stub.StreamReadings(iter([req]))]
@@ -90,6 +101,7 @@ async def test_resent_batch_is_a_duplicate_and_stored_once(ingest):
 async def test_invalid_batch_is_refused_with_bad_request_and_earlier_batches_stay(ingest):
     _srv, js, ch = ingest
     device, patient = uid("mon"), uid("pt")
+    await bind(ch, device, patient)
     stub = ingest_pb2_grpc.IngestServiceStub(ch)
     bad = batch(device, patient, 100, n=4)
     bad.readings[0].unit = "kg"

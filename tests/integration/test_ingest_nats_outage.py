@@ -37,6 +37,8 @@ async def test_nats_outage_gives_unavailable_and_client_resends_after_recovery()
     srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats_srv.url), publish_timeout=1.0)
     client = IngestClient(srv.target, retries=30, backoff=0.2, max_backoff=1.0)
     try:
+        await client.register_device("outage-mon")
+        await client.bind_patient("outage-mon", "outage-p1", T - 86400)
         async with grpc.aio.insecure_channel(srv.target) as ch:
             assert (await client.send("outage-mon", "outage-p1", [batch(1).readings[0]]))[0].duplicate is False
             nats_srv.kill()

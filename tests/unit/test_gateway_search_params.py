@@ -33,28 +33,31 @@ def test_reference_normalisation(ref, expected):
 
 
 def test_subject_patient_count_offset_code():
-    q = parse_search("Observation", [("subject", "p1"), ("code", "http://loinc.org|8867-4,59408-5"),
+    from vigil_gateway.store import Filter
+    p = parse_search("Observation", [("subject", "p1"), ("code", "http://loinc.org|8867-4,59408-5"),
                                      ("_count", "10"), ("_offset", "20"), ("_format", "json")])
-    assert q.subject == "Patient/p1" and q.count == 10 and q.offset == 20 and not q.contradictory
-    assert q.code == (TokenFilter("http://loinc.org", "8867-4"), TokenFilter(None, "59408-5"))
-    assert ("code", "http://loinc.org|8867-4,59408-5") in q.link_params()
-
-    q = parse_search("RiskAssessment", [("patient", "Patient/p1")])
-    assert q.subject == "Patient/p1" and q.count == DEFAULT_COUNT and q.offset == 0
-    assert parse_search("Observation", [("_count", "5000")]).count == MAX_COUNT
-    assert parse_search("Observation", [("_count", "0")]).count == 0
-    assert parse_search("Observation", [("subject", "p1"), ("patient", "p2")]).contradictory
-    assert not parse_search("Observation", [("subject", "Patient/p1"), ("patient", "p1")]).contradictory
+    q = p.query
+    assert q.count == 10 and q.offset == 20
+    assert Filter("subject", None, ("Patient/p1",)) in q.filters
+    assert Filter("code", None, (TokenFilter("http://loinc.org", "8867-4"), TokenFilter(None, "59408-5"))) \
+        in q.filters
+    assert ("code", "http://loinc.org|8867-4,59408-5") in p.link_params
+    q = parse_search("RiskAssessment", [("patient", "Patient/p1")]).query
+    assert q.filters == (Filter("patient", None, ("Patient/p1",)),) and q.count == DEFAULT_COUNT
+    assert parse_search("Observation", [("_count", "5000")]).query.count == MAX_COUNT
+    assert parse_search("Observation", [("_count", "0")]).query.count == 0
+    # OR lists and repeats (AND) are supported now
+    assert len(parse_search("Observation", [("subject", "p1"), ("subject", "p2")]).query.filters) == 2
+    assert parse_search("Observation", [("subject", "p1,p2")]).query.filters[0].values == \
+        ("Patient/p1", "Patient/p2")
 
 
 @pytest.mark.parametrize("items", [
     [("_count", "-1")], [("_count", "ten")], [("_count", "1.5")], [("_offset", "-3")],
-    [("foo", "bar")],                               # unknown parameter (strict)
-    [("subject", "p1"), ("subject", "p2")],          # repeated (AND) not supported
-    [("subject", "p1,p2")],                          # OR list not supported
     [("subject", "bad id!")],
     [("patient", "Group/g1")],                       # patient must be a Patient
-    [("code:text", "heart")],                        # modifiers not supported
+    [("date", "yesterday")], [("date", "xx2024")], [("_sort", "value")],
+    [("subject:missing", "maybe")], [("_include", "Observation:code")],
 ])
 def test_bad_searches_are_400(items):
     with pytest.raises(FhirError) as e:
@@ -62,7 +65,30 @@ def test_bad_searches_are_400(items):
     assert e.value.status == 400
 
 
-def test_code_is_not_a_riskassessment_parameter():
+@pytest.mark.parametrize("items", [[("foo", "bar")], [("code:text", "heart")], [("_summary", "true")]])
+def test_unknown_is_ignored_unless_strict(items):
+    assert parse_search("Observation", items).ignored == [items[0][0]]
     with pytest.raises(FhirError) as e:
-        parse_search("RiskAssessment", [("code", "x")])
+        parse_search("Observation", items, strict=True)
+    assert e.value.status == 400
+
+
+def test_code_is_not_a_riskassessment_parameter():
+    assert parse_search("RiskAssessment", [("code", "x")]).ignored == ["code"]
+    with pytest.raises(FhirError) as e:
+        parse_search("RiskAssessment", [("code", "x")], strict=True)
     assert e.value.status == 400 and "code" in e.value.diagnostics
+
+
+@pytest.mark.parametrize("value, prefix, low, high", [
+    ("2024", "eq", "2024-01-01T00:00:00.000000Z", "2024-12-31T23:59:59.999999Z"),
+    ("ge2024-02", "ge", "2024-02-01T00:00:00.000000Z", "2024-02-29T23:59:59.999999Z"),
+    ("lt2024-02-03", "lt", "2024-02-03T00:00:00.000000Z", "2024-02-03T23:59:59.999999Z"),
+    ("sa2024-02-03T10:00+02:00", "sa", "2024-02-03T08:00:00.000000Z", "2024-02-03T08:00:59.999999Z"),
+    ("ap2024-02-03T10:00:05Z", "ap", "2024-02-03T10:00:05.000000Z", "2024-02-03T10:00:05.999999Z"),
+    ("eb2024-02-03T10:00:05.5Z", "eb", "2024-02-03T10:00:05.500000Z", "2024-02-03T10:00:05.599999Z"),
+])
+def test_date_values(value, prefix, low, high):
+    from vigil_gateway.store import DateValue
+    (f,) = parse_search("Observation", [("date", value)]).query.filters
+    assert f.values == (DateValue(prefix, low, high),)

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from vigil_gateway.bootstrap import build_store
 from vigil_gateway.sqlite_store import SqliteStore, sqlite_path
-from vigil_gateway.store import TokenFilter, UpsertCounts, content_hash, normalise_date
+from vigil_gateway.store import UpsertCounts
 
 
 def _obs(oid, value=1.0):
@@ -30,7 +30,7 @@ def test_url_parsing_and_parent_dir(tmp_path):
     store.close()
     # reopening keeps data and the schema version
     store = build_store(f"sqlite:///{tmp_path}/a/b/c.db")
-    assert store.migrate() == 1
+    assert store.migrate() == 2
     store.close()
 
 
@@ -45,41 +45,19 @@ def test_memory_database_works():
 
 
 def test_searches_use_indexes(tmp_path):
+    from vigil_gateway.search_params import parse_search
     store = build_store(f"sqlite:///{tmp_path}/g.db")
     store.migrate()
     conn = sqlite3.connect(f"{tmp_path}/g.db")
-    plan = " ".join(r[3] for r in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT body FROM resources WHERE resource_type=? AND subject=? "
-        "ORDER BY date DESC NULLS LAST, id LIMIT 10", ("Observation", "Patient/p1")))
-    assert "resources_by_subject_date" in plan and "SCAN resources" not in plan
-    plan = " ".join(r[3] for r in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT DISTINCT date, resource_id FROM resource_tokens WHERE resource_type=? "
-        "AND subject=? AND ((code=? AND system=?))", ("Observation", "Patient/p1", "x", "y")))
-    assert "resource_tokens_search" in plan
+
+    def plan(items):
+        sql, args = store.search_sql(parse_search("Observation", items).query)
+        return " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+
+    hot = plan([("subject", "p1"), ("code", "http://loinc.org|8867-4"), ("date", "ge2026-01-01"),
+                ("_count", "100")])
+    assert "idx_token_subject" in hot and "SCAN" not in hot and "TEMP B-TREE" not in hot, hot
+    by_subject = plan([("subject", "p1")])
+    assert "resources_by_subject_date" in by_subject and "SCAN" not in by_subject, by_subject
     conn.close()
-    store.close()
-
-
-def test_content_hash_ignores_only_store_owned_meta():
-    a = _obs("o1")
-    b = {**_obs("o1"), "meta": {"versionId": "7", "lastUpdated": "2020-01-01T00:00:00Z"}}
-    c = {**_obs("o1"), "meta": {"source": "device-a"}}
-    assert content_hash(a) == content_hash(b) != content_hash(c)
-    # key order does not matter
-    assert content_hash(dict(reversed(list(a.items())))) == content_hash(a)
-
-
-def test_date_normalisation():
-    assert normalise_date("2026-01-01T12:00:00+02:00") == "2026-01-01T10:00:00.000000Z"
-    assert normalise_date("2026-01-01T10:00:00Z") == "2026-01-01T10:00:00.000000Z"
-    assert normalise_date("2026-01") == "2026-01"
-    assert normalise_date(None) is None
-
-
-def test_token_filter_with_system_only(tmp_path):
-    store = build_store(f"sqlite:///{tmp_path}/g.db")
-    store.migrate()
-    store.upsert_many([_obs("o1")])
-    assert store.search("Observation", code=[TokenFilter("http://loinc.org", None)])[0] == 1
-    assert store.search("Observation", code=[TokenFilter("http://snomed.info/sct", None)])[0] == 0
     store.close()

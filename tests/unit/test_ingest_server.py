@@ -11,6 +11,7 @@ from grpc_status import rpc_status
 from vigil_ingest import bootstrap
 from vigil_ingest.client import IngestClient, make_reading
 from vigil_ingest.publisher import MemoryPublisher, PublishUnavailable
+from vigil_ingest.registry import MemoryStore, Registry
 
 from vigil import bus
 from vigil.device.v1 import ingest_pb2, ingest_pb2_grpc
@@ -25,10 +26,23 @@ def batch(first_seq: int, n: int = 3, device="monitor-1", patient="p000001", uni
         make_reading(first_seq + i, "8867-4", 70 + i, unit, T + 60 * i) for i in range(n)])
 
 
+BINDINGS = {"monitor-1": "p000001", "monitor-2": "p000002", "monitor-3": "p000001", "monitor-4": "p000004",
+            **{f"flight-{k}": "p000001" for k in range(4)}}
+
+
+async def bound_registry(bindings: dict[str, str] = BINDINGS) -> Registry:
+    """A registry (in-memory store) where each device is registered and bound from a day before T."""
+    reg = Registry(MemoryStore())
+    for device, patient in bindings.items():
+        await reg.register(device, "")
+        await reg.bind(device, None, patient, T - 86400, None)
+    return reg
+
+
 @pytest.fixture
 async def served():
     pub = MemoryPublisher()
-    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub)
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub, registry=await bound_registry())
     channel = grpc.aio.insecure_channel(srv.target)
     yield srv, pub, channel
     await channel.close()
@@ -149,7 +163,7 @@ async def test_deadline_shorter_than_a_slow_bus(served):
 
 async def test_graceful_stop_drains_in_flight_batches():
     pub = MemoryPublisher(delay=0.5)
-    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub)
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub, registry=await bound_registry())
     async with grpc.aio.insecure_channel(srv.target) as ch:
         stub = ingest_pb2_grpc.IngestServiceStub(ch)
         call = asyncio.ensure_future(stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[batch(1)])))
@@ -178,7 +192,8 @@ async def test_client_send_upload_and_token(served):
 
 async def test_client_resends_unacked_batches_after_server_restart():
     pub = MemoryPublisher()
-    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub)
+    reg = await bound_registry()
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub, registry=reg)
     port = srv.port
     client = IngestClient(f"127.0.0.1:{port}", retries=8, backoff=0.05)
     try:
@@ -187,7 +202,8 @@ async def test_client_resends_unacked_batches_after_server_restart():
         pending = asyncio.ensure_future(client.send("monitor-4", "p000004", [(2, "8867-4", "", 61.0, "/min", T)]))
         await asyncio.sleep(0.3)
         assert not pending.done()
-        srv = await bootstrap.start(Settings(grpc_listen=f"127.0.0.1:{port}"), publisher=pub)
+        srv = await bootstrap.start(Settings(grpc_listen=f"127.0.0.1:{port}"), publisher=pub,
+                                    registry=Registry(reg.store))
         acks = await asyncio.wait_for(pending, 10)
         assert acks[0].first_sequence == 2
         assert client.reconnects >= 1
@@ -212,7 +228,8 @@ async def test_in_flight_publishes_are_bounded():
                 Counting.now -= 1
 
     pub = Counting()
-    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub, max_inflight=3)
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0"), publisher=pub, max_inflight=3,
+                                registry=await bound_registry())
     try:
         async with grpc.aio.insecure_channel(srv.target) as ch:
             stub = ingest_pb2_grpc.IngestServiceStub(ch)
@@ -221,10 +238,41 @@ async def test_in_flight_publishes_are_bounded():
                 reqs = [ingest_pb2.StreamReadingsRequest(batch=batch(10 * i, device=dev)) for i in range(10)]
                 return [r.ack async for r in stub.StreamReadings(iter(reqs))]
 
-            results = await asyncio.gather(*(stream(f"monitor-{k}") for k in range(4)))
+            results = await asyncio.gather(*(stream(f"flight-{k}") for k in range(4)))
         assert [len(r) for r in results] == [10] * 4
         assert all([a.first_sequence for a in r] == [10 * i for i in range(10)] for r in results)
         assert 1 < Counting.peak <= 3
         assert len(pub.messages) == 40
     finally:
         await srv.stop(0)
+
+
+async def test_blood_pressure_panel_over_grpc(served):
+    import orjson
+
+    _, pub, ch = served
+    r = make_reading(500, "150020", 0, "", T, system="urn:iso:std:iso:11073:10101")
+    r.components.add(code="8480-6", value=120, unit="mm[Hg]")
+    r.components.add(code="8462-4", value=80, unit="mm[Hg]")
+    r.components.add(code="150023", system="urn:iso:std:iso:11073:10101", value=93, unit="mm[Hg]")
+    b = ingest_pb2.ReadingBatch(device_id="monitor-1", readings=[r])
+    acks = [x.ack async for x in ingest_pb2_grpc.IngestServiceStub(ch).StreamReadings(
+        iter([ingest_pb2.StreamReadingsRequest(batch=b)]))]
+    assert acks[0].reading_count == 1
+    [obs] = [e["resource"] for e in orjson.loads(pub.messages[-1].body)["entry"]]
+    assert obs["code"]["coding"][0]["code"] == "85354-9"
+    assert obs["subject"] == {"reference": "Patient/p000001"}  # from the binding: patient_id was not sent
+    assert [c["code"]["coding"][0]["code"] for c in obs["component"]] == ["8480-6", "8462-4", "8478-0"]
+
+
+async def test_unbound_device_is_refused_with_precondition_failure(served):
+    _, pub, ch = served
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await ingest_pb2_grpc.IngestServiceStub(ch).UploadReadings(
+            ingest_pb2.UploadReadingsRequest(batches=[batch(1, device="never-registered")]))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    st = rpc_status.from_call(e.value)
+    pf = error_details_pb2.PreconditionFailure()
+    assert st.details[0].Unpack(pf)
+    assert [(v.type, v.subject) for v in pf.violations] == [("REGISTRATION", "devices/never-registered")]
+    assert pub.messages == []

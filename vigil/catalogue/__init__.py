@@ -23,6 +23,8 @@ class Measurement:
     convert: dict[str, tuple[float, float]]
     plausible: tuple[float, float]
     extra_codings: tuple[tuple[str, str, str], ...] = ()
+    components: tuple[str, ...] = ()  # panel: keys of the measurements allowed as components
+    required: tuple[str, ...] = ()  # panel: keys that must be present
 
     def to_canonical(self, value: float, unit: str) -> float | None:
         """Value in the catalogue's UCUM unit, or None when `unit` is not accepted."""
@@ -68,6 +70,7 @@ def _parse(raw: dict) -> Measurement:
         convert={u: (float(f), float(o)) for u, f, o in raw["convert"]},
         plausible=(float(raw["plausible"][0]), float(raw["plausible"][1])),
         extra_codings=tuple(tuple(c.split("|", 2)) for c in raw.get("extra_codings", [])),
+        components=tuple(raw.get("components", [])), required=tuple(raw.get("required", [])),
     )
 
 
@@ -75,4 +78,9 @@ def _parse(raw: dict) -> Measurement:
 def load_catalogue(path: pathlib.Path = CATALOGUE_FILE) -> Catalogue:
     with open(path, "rb") as fh:
         data = tomllib.load(fh)
-    return Catalogue([_parse(m) for m in data["measurement"]])
+    cat = Catalogue([_parse(m) for m in data["measurement"]])
+    for m in cat.measurements:
+        unknown = [k for k in (*m.components, *m.required) if k not in cat.by_key]
+        if unknown:
+            raise ValueError(f"panel {m.key} names unknown components {unknown}")
+    return cat

@@ -1,13 +1,17 @@
-"""The FHIR R4 REST API (read-only): metadata, read and search-type for Observation and RiskAssessment.
+"""The FHIR R4 REST API (https://hl7.org/fhir/R4/http.html); docs/fhir-api.md lists what is supported.
 
-https://hl7.org/fhir/R4/http.html (RESTful API), https://hl7.org/fhir/R4/search.html (search),
-https://hl7.org/fhir/R4/bundle.html (searchset Bundles). Responses are application/fhir+json built
-with orjson from the stored JSON (no per-resource models). Every error is an OperationOutcome
-(https://hl7.org/fhir/R4/operationoutcome.html), including unknown routes (404), wrong methods (405)
-and unexpected failures (500).
+Interactions: capabilities, read, vread, history-instance, history-type, search-type (GET and POST
+_search) for every served type; create, conditional create (If-None-Exist) and update (also
+update-as-create) for Patient and Encounter. Responses are application/fhir+json built with orjson
+from the stored JSON. Every error is an OperationOutcome (https://hl7.org/fhir/R4/operationoutcome.html),
+including unknown routes (404), wrong methods (405) and unexpected failures (500).
+
+Authorization: every interaction calls `auth.authorize(request, resource_type, interaction, patient)`
+in one place (`_guard`) after authentication; that is where SMART scopes plug in.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email.utils
 import logging
@@ -15,7 +19,8 @@ import urllib.parse
 import uuid
 from typing import Protocol
 
-from fastapi import Depends, FastAPI, Request
+import orjson
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,15 +29,23 @@ from starlette.responses import Response
 from vigil.ids import is_fhir_id
 from vigil.settings import Settings
 from vigil.tokens import TokenValidator
-from vigil_gateway.auth import authenticate
+from vigil_gateway.auth import authenticate, authorize
 from vigil_gateway.capability import capability_statement
-from vigil_gateway.outcomes import STATUS_ISSUE_CODE, FhirError, FhirJSONResponse, operation_outcome
-from vigil_gateway.search_params import SEARCH_PARAMS, SearchQuery, parse_search
-from vigil_gateway.store import Store, now_instant
+from vigil_gateway.fhirindex import SUPPORTED_TYPES, WRITABLE_TYPES, normalise_reference
+from vigil_gateway.outcomes import (
+    FHIR_JSON,
+    STATUS_ISSUE_CODE,
+    FhirError,
+    FhirJSONResponse,
+    operation_outcome,
+)
+from vigil_gateway.search_params import ParsedSearch, parse_search
+from vigil_gateway.store import InvalidResource, PreconditionFailed, SearchResult, Store, now_instant
 
 log = logging.getLogger("vigil.gateway")
-SOFTWARE_VERSION = "0.1.0"
-SUPPORTED_TYPES = tuple(SEARCH_PARAMS)
+SOFTWARE_VERSION = "0.2.0"
+MAX_BODY = 1_000_000
+_JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
 
 
 class ConsumerHealth(Protocol):
@@ -41,71 +54,254 @@ class ConsumerHealth(Protocol):
 
 
 def create_app(settings: Settings, store: Store, validator: TokenValidator | None, *,
-               consumer: ConsumerHealth | None = None) -> FastAPI:
-    """The gateway ASGI app. `validator` None means auth is off (the caller decides);
-    `consumer`, when given, is part of /readyz."""
+               consumer: ConsumerHealth | None = None, outbox_event: asyncio.Event | None = None) -> FastAPI:
+    """The gateway ASGI app. `validator` None means auth is off (the caller decides); `consumer`, when
+    given, is part of /readyz; `outbox_event` is set after each accepted write (wakes the publisher)."""
     base = "/" + settings.fhir_base_path.strip("/")
     base_url = settings.fhir_base_url
     app = FastAPI(title="Vigil FHIR gateway", version=SOFTWARE_VERSION, docs_url=None, redoc_url=None,
                   openapi_url=None, default_response_class=FhirJSONResponse)
     app.state.settings, app.state.store, app.state.validator = settings, store, validator
+    app.state.outbox_event = outbox_event
     _install_error_handlers(app)
-
-    async def require_token(request: Request) -> dict | None:
-        if validator is None:
-            return None
-        claims = await authenticate(request, validator)
-        request.state.claims = claims
-        return claims
-
     started = now_instant()
 
+    async def guard(request: Request, resource_type: str | None, interaction: str,
+                    patient: str | None = None) -> None:
+        """Authentication, content negotiation, then the per-request authorization hook."""
+        negotiate(request)
+        if resource_type is not None and resource_type not in SUPPORTED_TYPES:
+            raise FhirError(404, "not-supported", f"resource type {resource_type!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        claims = None
+        if validator is not None:
+            claims = await authenticate(request, validator)
+            request.state.claims = claims
+        await authorize(request, claims, resource_type, interaction, patient)
+
+    def reply(request: Request, content, status: int = 200, headers: dict | None = None) -> Response:
+        return FhirJSONResponse(content, status_code=status, headers=headers,
+                                pretty=request.query_params.get("_pretty") == "true")
+
     @app.get(f"{base}/metadata")
-    async def metadata() -> Response:
-        """capabilities interaction: https://hl7.org/fhir/R4/http.html#capabilities (no token needed)."""
-        return FhirJSONResponse(capability_statement(base_url=base_url, auth_enabled=validator is not None,
-                                                     software_version=SOFTWARE_VERSION, date=started))
+    async def metadata(request: Request) -> Response:
+        """capabilities interaction (no token needed)."""
+        negotiate(request)
+        return reply(request, capability_statement(base_url=base_url, auth_enabled=validator is not None,
+                                                   software_version=SOFTWARE_VERSION, date=started))
 
-    @app.get(f"{base}/{{resource_type}}", dependencies=[Depends(require_token)])
+    # --- search -------------------------------------------------------------------------------
+
+    async def do_search(request: Request, resource_type: str, items: list[tuple[str, str]]) -> Response:
+        await guard(request, resource_type, "search-type", _patient_of_query(resource_type, items))
+        parsed = parse_search(resource_type, items, strict=_strict(request))
+        result = await run_in_threadpool(store.search_query, parsed.query)
+        return reply(request, searchset_bundle(base_url, resource_type, parsed, result))
+
+    @app.get(f"{base}/{{resource_type}}")
     async def search_type(resource_type: str, request: Request) -> Response:
-        """search-type interaction: https://hl7.org/fhir/R4/http.html#search,
-        answered with a searchset Bundle (https://hl7.org/fhir/R4/bundle.html#searchset)."""
-        _check_type(resource_type)
-        query = parse_search(resource_type, request.query_params.multi_items())
-        if query.contradictory:
-            total, resources = 0, []
-        else:
-            total, resources = await run_in_threadpool(
-                store.search, resource_type, subject=query.subject, code=list(query.code) or None,
-                count=query.count, offset=query.offset)
-        return FhirJSONResponse(searchset_bundle(base_url, resource_type, query, total, resources))
+        """search-type: https://hl7.org/fhir/R4/http.html#search"""
+        return await do_search(request, resource_type, request.query_params.multi_items())
 
-    @app.get(f"{base}/{{resource_type}}/{{resource_id}}", dependencies=[Depends(require_token)])
+    @app.post(f"{base}/{{resource_type}}/_search")
+    async def search_post(resource_type: str, request: Request) -> Response:
+        """search-type by POST: form-encoded body parameters plus any in the URL."""
+        ctype = request.headers.get("content-type", "")
+        body = await request.body()
+        if body and not ctype.startswith("application/x-www-form-urlencoded"):
+            raise FhirError(415, "not-supported", "POST _search needs application/x-www-form-urlencoded")
+        items = request.query_params.multi_items() + urllib.parse.parse_qsl(body.decode(), keep_blank_values=True)
+        return await do_search(request, resource_type, items)
+
+    # --- history ------------------------------------------------------------------------------
+
+    async def do_history(request: Request, resource_type: str, resource_id: str | None) -> Response:
+        qp = request.query_params
+        count = _int_param(qp.get("_count"), 50, 1000, "_count")
+        offset = _int_param(qp.get("_offset"), 0, 1_000_000, "_offset")
+        since = _instant_param(qp.get("_since"), "_since")
+        snapshot = _instant_param(qp.get("_snapshot"), "_snapshot") or now_instant()
+        total, versions = await run_in_threadpool(store.history, resource_type, resource_id, count=count,
+                                                  offset=offset, since=since, snapshot=snapshot)
+        if resource_id is not None and total == 0:
+            raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
+        path = f"{resource_type}/{resource_id}/_history" if resource_id else f"{resource_type}/_history"
+
+        def link(rel: str, off: int) -> dict:
+            params = [("_count", str(count)), ("_offset", str(off)), ("_snapshot", snapshot)]
+            if since:
+                params.insert(0, ("_since", since))
+            return {"relation": rel, "url": f"{base_url}/{path}?{urllib.parse.urlencode(params)}"}
+
+        links = [link("self", offset)]
+        if offset + count < total:
+            links.append(link("next", offset + count))
+        if offset > 0:
+            links.append(link("previous", max(0, offset - count)))
+        entries = []
+        for method, res in versions:
+            meta = res.get("meta") or {}
+            url = f"{res['resourceType']}/{res['id']}"
+            entries.append({
+                "fullUrl": f"{base_url}/{url}", "resource": res,
+                "request": {"method": method, "url": url if method == "PUT" else res["resourceType"]},
+                "response": {"status": "201 Created" if method == "POST" else "200 OK",
+                             "etag": f'W/"{meta.get("versionId")}"', "lastModified": meta.get("lastUpdated")},
+            })
+        return reply(request, {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                               "meta": {"lastUpdated": now_instant()}, "type": "history", "total": total,
+                               "link": links, "entry": entries})
+
+    @app.get(f"{base}/{{resource_type}}/_history")
+    async def history_type(resource_type: str, request: Request) -> Response:
+        await guard(request, resource_type, "history-type")
+        return await do_history(request, resource_type, None)
+
+    @app.get(f"{base}/{{resource_type}}/{{resource_id}}/_history")
+    async def history_instance(resource_type: str, resource_id: str, request: Request) -> Response:
+        await guard(request, resource_type, "history-instance", _patient_of_id(resource_type, resource_id))
+        _check_id(resource_type, resource_id)
+        return await do_history(request, resource_type, resource_id)
+
+    # --- read / vread -------------------------------------------------------------------------
+
+    def versioned(request: Request, resource: dict, status: int = 200, extra: dict | None = None) -> Response:
+        meta = resource.get("meta") or {}
+        etag = f'W/"{meta.get("versionId", "1")}"'
+        headers = {"ETag": etag, **(extra or {})}
+        if meta.get("lastUpdated"):
+            headers["Last-Modified"] = http_date(meta["lastUpdated"])
+        inm = request.headers.get("if-none-match")
+        if status == 200 and request.method == "GET" and inm and (inm.strip() == "*" or etag in _etags(inm)):
+            return Response(status_code=304, headers=headers)
+        return reply(request, resource, status, headers)
+
+    @app.get(f"{base}/{{resource_type}}/{{resource_id}}")
     async def read(resource_type: str, resource_id: str, request: Request) -> Response:
-        """read interaction: https://hl7.org/fhir/R4/http.html#read (ETag, Last-Modified, 404)."""
-        _check_type(resource_type)
-        if not is_fhir_id(resource_id):
-            raise FhirError(404, "not-found", f"{resource_id!r} is not a valid FHIR id")
+        """read: https://hl7.org/fhir/R4/http.html#read (ETag, Last-Modified, If-None-Match -> 304)."""
+        await guard(request, resource_type, "read", _patient_of_id(resource_type, resource_id))
+        _check_id(resource_type, resource_id)
         resource = await run_in_threadpool(store.read, resource_type, resource_id)
         if resource is None:
             raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
-        meta = resource.get("meta") or {}
-        etag = f'W/"{meta.get("versionId", "1")}"'
-        headers = {"ETag": etag}
-        if meta.get("lastUpdated"):
-            headers["Last-Modified"] = http_date(meta["lastUpdated"])
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return FhirJSONResponse(resource, headers=headers)
+        await authorize(request, getattr(request.state, "claims", None), resource_type, "read",
+                        _patient_of_resource(resource), resource=resource)
+        return versioned(request, resource)
+
+    @app.get(f"{base}/{{resource_type}}/{{resource_id}}/_history/{{version_id}}")
+    async def vread(resource_type: str, resource_id: str, version_id: str, request: Request) -> Response:
+        """vread: https://hl7.org/fhir/R4/http.html#vread"""
+        await guard(request, resource_type, "vread", _patient_of_id(resource_type, resource_id))
+        _check_id(resource_type, resource_id)
+        if not version_id.isdigit():
+            raise FhirError(404, "not-found", f"{version_id!r} is not a version of {resource_type}/{resource_id}")
+        resource = await run_in_threadpool(store.vread, resource_type, resource_id, int(version_id))
+        if resource is None:
+            raise FhirError(404, "not-found", f"{resource_type}/{resource_id}/_history/{version_id} is not known")
+        await authorize(request, getattr(request.state, "claims", None), resource_type, "vread",
+                        _patient_of_resource(resource), resource=resource)
+        return versioned(request, resource)
+
+    # --- create / update (Patient, Encounter) -------------------------------------------------
+
+    async def body_resource(request: Request, resource_type: str) -> dict:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in ("application/fhir+json", "application/json", "application/json+fhir"):
+            raise FhirError(415, "not-supported", f"unsupported content type {ctype!r}: send application/fhir+json")
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise FhirError(413, "too-costly", f"request body larger than {MAX_BODY} bytes")
+        try:
+            resource = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise FhirError(400, "structure", f"body is not JSON: {exc}") from None
+        if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
+            raise FhirError(400, "invalid", f"body must be a {resource_type} resource")
+        return resource
+
+    def check_writable(resource_type: str) -> None:
+        if resource_type not in WRITABLE_TYPES:
+            raise FhirError(405, "not-supported", f"{resource_type} is read-only here (it comes from the "
+                            f"pipeline); create/update are supported for {', '.join(WRITABLE_TYPES)}")
+
+    def prefer_return(request: Request) -> str:
+        for part in request.headers.get("prefer", "").split(","):
+            k, _, v = part.strip().partition("=")
+            if k.strip() == "return":
+                return v.strip()
+        return "representation"
+
+    def written(request: Request, result, status: int) -> Response:
+        res = result.resource
+        loc = f"{base_url}/{res['resourceType']}/{res['id']}/_history/{res['meta']['versionId']}"
+        if result.outcome in ("created", "updated") and app.state.outbox_event is not None:
+            app.state.outbox_event.set()
+        pref = prefer_return(request)
+        if pref == "minimal":
+            meta = res["meta"]
+            return Response(status_code=status, headers={"Location": loc, "ETag": f'W/"{meta["versionId"]}"',
+                                                         "Last-Modified": http_date(meta["lastUpdated"])})
+        if pref == "OperationOutcome":
+            meta = res["meta"]
+            return reply(request, operation_outcome("informational", f"{result.outcome} {loc}", "information"),
+                         status, {"Location": loc, "ETag": f'W/"{meta["versionId"]}"'})
+        return versioned(request, res, status, {"Location": loc})
+
+    @app.post(f"{base}/{{resource_type}}")
+    async def create(resource_type: str, request: Request) -> Response:
+        """create and conditional create (If-None-Exist): https://hl7.org/fhir/R4/http.html#create"""
+        resource = await body_resource(request, resource_type) if resource_type in SUPPORTED_TYPES else None
+        await guard(request, resource_type, "create", _patient_of_resource(resource) if resource else None)
+        check_writable(resource_type)
+        condition = None
+        ine = request.headers.get("if-none-exist")
+        if ine:
+            items = urllib.parse.parse_qsl(ine.split("?", 1)[-1], keep_blank_values=True)
+            parsed = parse_search(resource_type, items, strict=True)
+            if not parsed.query.filters:
+                raise FhirError(400, "invalid", "If-None-Exist has no search criteria")
+            condition = parsed.query
+        try:
+            result = await run_in_threadpool(store.write, resource, create=True, if_none_exist=condition)
+        except PreconditionFailed as exc:
+            raise FhirError(412, "multiple-matches" if condition is not None else "conflict", str(exc)) from None
+        except InvalidResource as exc:
+            raise FhirError(400, "invalid", str(exc)) from None
+        return written(request, result, 200 if result.outcome == "exists" else 201)
+
+    @app.put(f"{base}/{{resource_type}}/{{resource_id}}")
+    async def update(resource_type: str, resource_id: str, request: Request) -> Response:
+        """update and update-as-create: https://hl7.org/fhir/R4/http.html#update (If-Match -> 412)."""
+        resource = await body_resource(request, resource_type) if resource_type in SUPPORTED_TYPES else None
+        await guard(request, resource_type, "update", _patient_of_resource(resource) if resource else None)
+        check_writable(resource_type)
+        _check_id(resource_type, resource_id)
+        if resource.get("id") != resource_id:
+            raise FhirError(400, "invalid", f"the body's id ({resource.get('id')!r}) must equal the URL's "
+                            f"({resource_id!r})")
+        if_match = None
+        if request.headers.get("if-match"):
+            tags = _etags(request.headers["if-match"])
+            try:
+                if_match = int(tags[0].removeprefix("W/").strip('"'))
+            except (ValueError, IndexError):
+                raise FhirError(400, "invalid", "If-Match must be an ETag like W/\"3\"") from None
+        try:
+            result = await run_in_threadpool(store.write, resource, create=False, if_match=if_match)
+        except PreconditionFailed as exc:
+            raise FhirError(412, "conflict", str(exc)) from None
+        except InvalidResource as exc:
+            raise FhirError(400, "invalid", str(exc)) from None
+        return written(request, result, 201 if result.outcome == "created" else 200)
+
+    # --- health -------------------------------------------------------------------------------
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:
-        """Liveness: the process serves HTTP."""
         return FhirJSONResponse({"status": "ok"}, media_type="application/json")
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
-        """Readiness: the store answers and (when wired) the bus consumer runs."""
         problems = []
         try:
             store_ok = await run_in_threadpool(store.ping)
@@ -123,35 +319,129 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     return app
 
 
-def _check_type(resource_type: str) -> None:
-    if resource_type not in SUPPORTED_TYPES:
-        raise FhirError(404, "not-supported",
-                        f"resource type {resource_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+# --- helpers ----------------------------------------------------------------------------------------
+
+def negotiate(request: Request) -> None:
+    """Content negotiation: JSON only (application/fhir+json). _format wins over Accept."""
+    fmt = request.query_params.get("_format")
+    if fmt is not None:
+        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
+            raise FhirError(406, "not-supported", f"_format={fmt!r}: only JSON (application/fhir+json) is served")
+        return
+    accept = request.headers.get("accept")
+    if not accept:
+        return
+    kinds = [a.split(";")[0].strip().lower() for a in accept.split(",")]
+    if any(k in _JSON_FORMATS or k in ("*/*", "application/*", "") for k in kinds):
+        return
+    raise FhirError(406, "not-supported", f"cannot produce {accept!r}: only application/fhir+json is served")
 
 
-def searchset_bundle(base_url: str, resource_type: str, query: SearchQuery, total: int,
-                     resources: list[dict]) -> dict:
-    """A searchset Bundle with total, self/next/previous links and entries in search mode `match`
-    (https://hl7.org/fhir/R4/search.html#paging, https://hl7.org/fhir/R4/bundle.html)."""
+def _strict(request: Request) -> bool:
+    return any(p.strip().replace(" ", "") == "handling=strict" for p in request.headers.get("prefer", "").split(","))
+
+
+def _etags(header: str) -> list[str]:
+    return [t.strip() if t.strip().startswith("W/") else "W/" + t.strip() for t in header.split(",") if t.strip()]
+
+
+def _check_id(resource_type: str, resource_id: str) -> None:
+    if not is_fhir_id(resource_id):
+        raise FhirError(404, "not-found", f"{resource_id!r} is not a valid FHIR id")
+
+
+def _int_param(value: str | None, default: int, maximum: int, name: str) -> int:
+    if value is None:
+        return default
+    if not value.isdigit():
+        raise FhirError(400, "invalid", f"{name} must be a non-negative integer")
+    return min(int(value), maximum)
+
+
+def _instant_param(value: str | None, name: str) -> str | None:
+    if not value:
+        return None
+    from vigil_gateway.fhirindex import date_range
+    rng = date_range(value)
+    if rng is None:
+        raise FhirError(400, "invalid", f"{name} must be an instant")
+    return rng[0]
+
+
+def _patient_of_id(resource_type: str, resource_id: str) -> str | None:
+    return f"Patient/{resource_id}" if resource_type == "Patient" else None
+
+
+def _patient_of_resource(resource: dict | None) -> str | None:
+    if not resource:
+        return None
+    if resource.get("resourceType") == "Patient":
+        return f"Patient/{resource.get('id')}"
+    for key in ("subject", "patient"):
+        ref = resource.get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+            target = normalise_reference(ref["reference"])
+            if target.startswith("Patient/"):
+                return target
+    return None
+
+
+def _patient_of_query(resource_type: str, items: list[tuple[str, str]]) -> str | None:
+    for name, value in items:
+        if name in ("subject", "patient") and value and "," not in value:
+            return normalise_reference(value)
+        if resource_type == "Patient" and name == "_id" and value and "," not in value:
+            return f"Patient/{value}"
+    return None
+
+
+def searchset_bundle(base_url: str, resource_type: str, parsed: ParsedSearch, result: SearchResult) -> dict:
+    """A searchset Bundle (https://hl7.org/fhir/R4/bundle.html#searchset) with self/next/previous links
+    that carry the snapshot, so paging stays correct while data keeps arriving."""
+    q = parsed.query
+
     def link(relation: str, offset: int) -> dict:
-        qs = urllib.parse.urlencode(query.link_params(offset=offset))
-        return {"relation": relation, "url": f"{base_url}/{resource_type}?{qs}"}
+        params = [*parsed.link_params, ("_count", str(q.count)), ("_offset", str(offset)),
+                  ("_snapshot", str(result.snapshot))]
+        return {"relation": relation, "url": f"{base_url}/{resource_type}?{urllib.parse.urlencode(params)}"}
 
-    links = [link("self", query.offset)]
-    if query.count > 0 and query.offset + query.count < total:
-        links.append(link("next", query.offset + query.count))
-    if query.count > 0 and query.offset > 0:
-        links.append(link("previous", max(0, query.offset - query.count)))
-    return {
-        "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
-        "meta": {"lastUpdated": now_instant()},
-        "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": [{"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}", "resource": r,
-                   "search": {"mode": "match"}} for r in resources],
-    }
+    bundle: dict = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": now_instant()},
+                    "type": "searchset"}
+    if result.total is not None:
+        bundle["total"] = result.total
+    if parsed.summary_count:
+        bundle["link"] = [{"relation": "self", "url": f"{base_url}/{resource_type}?"
+                           f"{urllib.parse.urlencode(parsed.link_params)}"}]
+        return bundle
+    links = [link("self", q.offset)]
+    if q.count > 0 and result.has_more:
+        links.append(link("next", q.offset + q.count))
+    if q.count > 0 and q.offset > 0:
+        links.append(link("previous", max(0, q.offset - q.count)))
+    bundle["link"] = links
+    entries = [{"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}", "resource": _subset(r, parsed.elements),
+                "search": {"mode": "match"}} for r in result.resources]
+    entries += [{"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}", "resource": r,
+                 "search": {"mode": "include"}} for r in result.included]
+    bundle["entry"] = entries
+    if parsed.ignored:
+        bundle["entry"].append({"resource": operation_outcome(
+            "not-supported", "search parameters ignored (not supported): " + ", ".join(parsed.ignored),
+            "warning"), "search": {"mode": "outcome"}})
+    return bundle
+
+
+def _subset(resource: dict, elements: tuple[str, ...]) -> dict:
+    """_elements: the listed top-level elements plus the mandatory ones, tagged SUBSETTED."""
+    if not elements:
+        return resource
+    keep = {"resourceType", "id", "meta", *elements}
+    out = {k: v for k, v in resource.items() if k in keep}
+    meta = dict(out.get("meta") or {})
+    meta["tag"] = [*(meta.get("tag") or []), {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                                              "code": "SUBSETTED", "display": "Resource encoded in summary mode"}]
+    out["meta"] = meta
+    return out
 
 
 def http_date(instant: str) -> str:
@@ -172,7 +462,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             detail = f"no such endpoint: {request.method} {request.url.path}"
         elif exc.status_code == 405:
-            detail = f"{request.method} is not supported on {request.url.path} (this server is read-only)"
+            detail = f"{request.method} is not supported on {request.url.path}"
         return FhirJSONResponse(operation_outcome(code, detail), status_code=exc.status_code,
                                 headers=getattr(exc, "headers", None))
 
@@ -184,3 +474,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return FhirJSONResponse(operation_outcome("exception", "internal server error"), status_code=500)
+
+
+__all__ = ["FHIR_JSON", "create_app", "http_date", "searchset_bundle"]

@@ -44,3 +44,18 @@ async def authenticate(request: Request, validator: TokenValidator) -> dict:
     except TokenError as exc:
         raise FhirError(401, "login", f"invalid bearer token: {exc.reason}",
                         headers=_challenge(exc.reason)) from None
+
+
+async def authorize(request: Request, claims: dict | None, resource_type: str | None, interaction: str,
+                    patient: str | None, *, resource: dict | None = None) -> None:
+    """The one per-request authorization hook, called for every FHIR interaction after authentication.
+
+    resource_type: the type addressed (None for system-level); interaction: a code of
+    https://hl7.org/fhir/R4/valueset-type-restful-interaction.html (read, vread, history-instance,
+    history-type, search-type, create, update); patient: the Patient compartment the request targets
+    when known (Patient/x), and `resource` the resource read when the check needs its content.
+    It is called a second time for read/vread with the stored resource. Raise FhirError(403, ...) to
+    refuse. Today every authenticated caller may do everything (token semantics unchanged); SMART
+    scopes (vigil/smart.py) plug in here.
+    """
+    return

@@ -93,7 +93,7 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None
                 handled.append(sig)
 
     store = await asyncio.to_thread(build_store, settings.database_url)
-    nc = consumer = None
+    nc = consumer = outbox = None
     try:
         version = await asyncio.to_thread(store.migrate)
         log.info("store %s at schema version %d", store.dialect, version)
@@ -101,11 +101,15 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None
         consumer = BusConsumer(nc.jetstream(), store, settings.gateway_consumer_name,
                                stream_replicas=settings.stream_replicas)
         await consumer.start()
+        from vigil_gateway.outbox import OutboxPublisher
+        outbox = OutboxPublisher(nc.jetstream(), store)
+        outbox.start()
         validator = build_validator(settings)
         if validator is None:
             log.warning("auth is OFF (no oidc_issuer): serve on loopback only")
-        app = create_app(settings, store, validator, consumer=consumer)
+        app = create_app(settings, store, validator, consumer=consumer, outbox_event=outbox.event)
         config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, lifespan="on",
+                                loop="uvloop", http="httptools",
                                 log_level="info", access_log=False, server_header=False)
         server = Server(config)
         serve = asyncio.create_task(_serve(server), name="gateway-http")
@@ -135,6 +139,8 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+        if outbox is not None:
+            await outbox.stop()
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.stop()

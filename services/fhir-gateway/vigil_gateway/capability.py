@@ -2,38 +2,56 @@
 https://hl7.org/fhir/R4/http.html#capabilities): exactly what this gateway supports."""
 from __future__ import annotations
 
-from vigil_gateway.search_params import SEARCH_PARAMS
+from vigil_gateway.fhirindex import SEARCH_PARAMS, WRITABLE_TYPES
 
-_PARAM_DOCS = {
-    "subject": ("reference", "http://hl7.org/fhir/SearchParameter/{t}-subject",
-                "The subject: Patient/id or id"),
-    "patient": ("reference", "http://hl7.org/fhir/SearchParameter/clinical-patient",
-                "The patient: Patient/id or id"),
-    "code": ("token", "http://hl7.org/fhir/SearchParameter/clinical-code",
-             "system|code or code; comma-separated values are OR-ed"),
+_COMMON = [
+    {"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token",
+     "documentation": "Logical id; comma = OR; :missing"},
+    {"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+     "type": "date", "documentation": "meta.lastUpdated; prefixes eq ne lt gt le ge sa eb ap, partial dates"},
+]
+_DOCS = {
+    "token": "system|code, code, |code or system|; comma = OR; modifiers :missing, :not",
+    "reference": "Type/id or id; comma = OR; modifiers :missing and :[type]",
+    "date": "prefixes eq ne lt gt le ge sa eb ap; partial dates (YYYY, YYYY-MM, YYYY-MM-DD); :missing",
+    "string": "starts with, case and accent insensitive; modifiers :exact, :contains, :missing",
 }
 
 
-def capability_statement(*, base_url: str, auth_enabled: bool, software_version: str,
-                         date: str) -> dict:
+def capability_statement(*, base_url: str, auth_enabled: bool, software_version: str, date: str) -> dict:
     resources = []
     for rtype, params in SEARCH_PARAMS.items():
-        search_params = []
-        for p in params:
-            ptype, definition, doc = _PARAM_DOCS[p]
-            search_params.append({"name": p, "definition": definition.format(t=rtype.lower()),
-                                  "type": ptype, "documentation": doc})
-        search_params.append({"name": "_count", "type": "number",
-                              "documentation": "Page size, default 50, at most 1000"})
-        resources.append({
+        interactions = ["read", "vread", "history-instance", "history-type", "search-type"]
+        if rtype in WRITABLE_TYPES:
+            interactions += ["create", "update"]
+        includes = [f"{rtype}:{p.name}" for p in params.values() if p.kind == "reference"]
+        revincludes = [f"{src}:{p.name}" for src, ps in SEARCH_PARAMS.items() for p in ps.values()
+                       if p.kind == "reference" and rtype in p.targets]
+        entry = {
             "type": rtype,
-            "interaction": [{"code": "read"}, {"code": "search-type"}],
-            "versioning": "versioned",
-            "readHistory": False,
-            "updateCreate": False,
-            "searchParam": search_params,
-        })
-    rest: dict = {"mode": "server", "resource": resources}
+            "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
+            "interaction": [{"code": c} for c in interactions],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": rtype in WRITABLE_TYPES,
+            "conditionalCreate": rtype in WRITABLE_TYPES,
+            "conditionalRead": "not-supported",
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchInclude": includes,
+            "searchRevInclude": revincludes,
+            "searchParam": _COMMON + [{"name": p.name, "definition": p.definition, "type": p.kind,
+                                       "documentation": _DOCS[p.kind]} for p in params.values()],
+        }
+        resources.append(entry)
+    rest: dict = {
+        "mode": "server",
+        "documentation": "Search result parameters: _sort (_id, _lastUpdated, date; several keys; - = "
+                         "descending), _count (default 50, max 1000), _total (none|estimate|accurate), "
+                         "_summary=count, _elements, _include, _revinclude. Unknown parameters are ignored "
+                         "unless Prefer: handling=strict. Paging links carry a snapshot (_snapshot).",
+        "resource": resources,
+    }
     if auth_enabled:
         rest["security"] = {
             "cors": False,
@@ -49,7 +67,7 @@ def capability_statement(*, base_url: str, auth_enabled: bool, software_version:
         "publisher": "Vigil",
         "kind": "instance",
         "software": {"name": "Vigil FHIR gateway", "version": software_version},
-        "implementation": {"description": "Vigil FHIR gateway (read-only)", "url": base_url},
+        "implementation": {"description": "Vigil FHIR gateway", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         "rest": [rest],

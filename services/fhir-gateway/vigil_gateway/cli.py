@@ -49,7 +49,17 @@ def run_gateway_command(args: argparse.Namespace) -> int:
     settings = Settings.from_env(http_host=getattr(args, "http_host", None), http_port=args.http_port,
                                  database_url=args.database_url, nats_url=args.nats_url)
     try:
-        asyncio.run(bootstrap.run(settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(bootstrap.run(settings))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _loop_factory():
+    """uvloop when installed (uvicorn[standard] brings it), else the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

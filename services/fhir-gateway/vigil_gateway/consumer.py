@@ -1,4 +1,8 @@
-"""Bus consumer: durable JetStream pull consumers on VIGIL_OBSERVATIONS and VIGIL_RISK -> Store.
+"""Bus consumer: durable JetStream pull consumers on VIGIL_OBSERVATIONS, VIGIL_RISK and VIGIL_EHR -> Store.
+
+VIGIL_EHR carries Device (from ingest) and Patient/Encounter (published by this or another gateway
+replica after a REST write); those are stored with the stale guard: a message whose meta.versionId
+is not above the stored version is an echo of a write already stored, so it never adds a version.
 
 Each fetch (up to `batch` messages) is decoded (bodies are FHIR Bundles of type collection, see
 vigil.bus), stored with one `upsert_many` call (one transaction), and only then acknowledged, so a
@@ -22,6 +26,7 @@ log = logging.getLogger("vigil.gateway.consumer")
 SUBSCRIPTIONS = (  # (stream, subjects, durable-name suffix)
     (bus.OBSERVATIONS_STREAM, bus.OBSERVATIONS_SUBJECTS, "observations"),
     (bus.RISK_STREAM, bus.RISK_SUBJECTS, "risk"),
+    (bus.EHR_STREAM, bus.EHR_SUBJECTS, "ehr"),
 )
 
 
@@ -140,7 +145,7 @@ class BusConsumer:
         if not good:
             return
         try:
-            counts = await asyncio.to_thread(self.store.upsert_many, [r for _, rs in good for r in rs])
+            counts = await asyncio.to_thread(self._upsert, stream, [r for _, rs in good for r in rs])
         except Exception as exc:  # noqa: BLE001
             self.stats.last_error = f"store {stream}: {exc!r}"
             if len(good) == 1:
@@ -149,7 +154,7 @@ class BusConsumer:
             log.warning("batch of %d from %s failed (%r); retrying message by message", len(good), stream, exc)
             for msg, resources in good:
                 try:
-                    counts = await asyncio.to_thread(self.store.upsert_many, resources)
+                    counts = await asyncio.to_thread(self._upsert, stream, resources)
                 except Exception as exc_one:  # noqa: BLE001
                     await self._settle_failure(stream, msg, resources, exc_one)
                     continue
@@ -161,6 +166,11 @@ class BusConsumer:
         for msg, _ in good:
             await msg.ack()
         self.stats.messages_acked += len(good)
+
+    def _upsert(self, stream: str, resources: list[dict]):
+        if stream == bus.EHR_STREAM:
+            return self.store.upsert_many(resources, stale_guard=True)
+        return self.store.upsert_many(resources)
 
     async def _settle_failure(self, stream: str, msg, resources: list[dict], exc: BaseException) -> None:
         if is_permanent(exc):

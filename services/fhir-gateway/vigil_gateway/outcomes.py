@@ -16,13 +16,19 @@ class FhirJSONResponse(Response):
 
     media_type = FHIR_JSON
 
+    def __init__(self, content=None, status_code: int = 200, headers=None, media_type=None, background=None,
+                 *, pretty: bool = False):
+        self._pretty = pretty
+        super().__init__(content, status_code, headers, media_type, background)
+
     def render(self, content) -> bytes:
         if isinstance(content, bytes):
             return content
-        return orjson.dumps(content)
+        return orjson.dumps(content, option=orjson.OPT_INDENT_2 if getattr(self, "_pretty", False) else 0)
 
 
 def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> dict:
+    """An OperationOutcome with one issue (severity error unless given)."""
     return {"resourceType": "OperationOutcome",
             "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]}
 

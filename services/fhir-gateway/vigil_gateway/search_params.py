@@ -1,55 +1,43 @@
-"""Parsing of the supported search parameters (https://hl7.org/fhir/R4/search.html).
+"""Parsing of search requests (https://hl7.org/fhir/R4/search.html) into store.SearchQuery.
 
-Supported: `subject` and `patient` (reference, https://hl7.org/fhir/R4/search.html#reference),
-`code` (token, https://hl7.org/fhir/R4/search.html#token; comma = OR), `_count`
-(https://hl7.org/fhir/R4/search.html#count) and `_offset` (paging position used in next/previous
-links). Unknown parameters are refused with 400 (strict handling) rather than silently ignored, since
-ignoring a filter would return more clinical data than asked for; `_format` is accepted (JSON only).
+Supported per type: the parameters of fhirindex.SEARCH_PARAMS, plus _id, _lastUpdated, _sort, _count,
+_total, _summary=count|false, _elements, _include, _revinclude, _format, _pretty, and the paging
+parameters this server writes into its own links (_offset, _snapshot). Comma = OR within one
+parameter; repeating a parameter = AND. Unknown parameters (or unsupported modifiers/values) are
+ignored (the spec's lenient default) and reported back as not applied; with `Prefer: handling=strict`
+they are refused with 400.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from vigil.ids import is_fhir_id
+from vigil_gateway.fhirindex import SEARCH_PARAMS as PARAMS
+from vigil_gateway.fhirindex import date_range, normalise_reference
 from vigil_gateway.outcomes import FhirError
-from vigil_gateway.store import TokenFilter, normalise_reference
+from vigil_gateway.store import DateValue, Filter, SearchQuery, TokenFilter
 
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
 MAX_OFFSET = 1_000_000
 
-# resource type -> search parameters it supports (besides _count/_offset)
-SEARCH_PARAMS: dict[str, tuple[str, ...]] = {
-    "Observation": ("subject", "patient", "code"),
-    "RiskAssessment": ("subject", "patient"),
-}
-IGNORED_PARAMS = frozenset({"_format"})
+SEARCH_PARAMS: dict[str, tuple[str, ...]] = {t: tuple(ps) for t, ps in PARAMS.items()}
+RESULT_PARAMS = ("_sort", "_count", "_total", "_summary", "_elements", "_include", "_revinclude")
+FORMAT_PARAMS = ("_format", "_pretty")
+PAGING_PARAMS = ("_offset", "_snapshot")
+SORT_KEYS = ("_id", "_lastUpdated", "date")
+DATE_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
+_PREFIX = re.compile(r"^(eq|ne|lt|gt|le|ge|sa|eb|ap)?(\d.*)$")
 
 
-@dataclass(frozen=True)
-class SearchQuery:
-    subject: str | None = None          # normalised reference, e.g. Patient/p1
-    code: tuple[TokenFilter, ...] = ()
-    count: int = DEFAULT_COUNT
-    offset: int = 0
-    contradictory: bool = False         # subject and patient name different patients: no match
-
-    def link_params(self, *, offset: int | None = None) -> list[tuple[str, str]]:
-        """Query parameters that reproduce this search (for Bundle.link self/next/previous)."""
-        out: list[tuple[str, str]] = []
-        if self.subject is not None:
-            out.append(("subject", self.subject))
-        if self.code:
-            out.append(("code", ",".join(_format_token(t) for t in self.code)))
-        out.append(("_count", str(self.count)))
-        out.append(("_offset", str(self.offset if offset is None else offset)))
-        return out
-
-
-def _format_token(t: TokenFilter) -> str:
-    if t.system is None:
-        return t.code or ""
-    return f"{t.system}|{t.code or ''}"
+@dataclass
+class ParsedSearch:
+    query: SearchQuery
+    summary_count: bool = False
+    elements: tuple[str, ...] = ()
+    ignored: list[str] = field(default_factory=list)
+    link_params: list[tuple[str, str]] = field(default_factory=list)  # what reproduces the search
 
 
 def parse_token(value: str) -> TokenFilter:
@@ -57,28 +45,34 @@ def parse_token(value: str) -> TokenFilter:
     if "|" in value:
         system, _, code = value.partition("|")
         if not system and not code:
-            raise FhirError(400, "invalid", "empty token '|' in code")
+            raise FhirError(400, "invalid", "empty token '|'")
         if "|" in code:
             raise FhirError(400, "invalid", f"token {value!r} has more than one '|'")
         return TokenFilter(system=system, code=code or None)
     if not value:
-        raise FhirError(400, "invalid", "empty code value")
+        raise FhirError(400, "invalid", "empty token value")
     return TokenFilter(system=None, code=value)
 
 
-def parse_reference(name: str, value: str, *, patient_only: bool) -> str:
-    if not value or "," in value:
-        raise FhirError(400, "invalid", f"{name}: one reference expected (comma lists are not supported)")
-    ref = normalise_reference(value)
+def parse_reference(name: str, value: str, default_type: str, allowed: tuple[str, ...] = ()) -> str:
+    ref = normalise_reference(value, default_type)
     rtype, _, rid = ref.partition("/")
-    if not is_fhir_id(rid):
+    if not value or not is_fhir_id(rid):
         raise FhirError(400, "invalid", f"{name}: {value!r} is not a valid reference")
-    if patient_only and rtype != "Patient":
-        raise FhirError(400, "invalid", f"{name}: must reference a Patient, got {rtype}")
+    if allowed and rtype not in allowed:
+        raise FhirError(400, "invalid", f"{name}: must reference {' or '.join(allowed)}, got {rtype}")
     return ref
 
 
-def _non_negative_int(name: str, value: str, maximum: int) -> int:
+def parse_date(name: str, value: str) -> DateValue:
+    m = _PREFIX.match(value)
+    rng = date_range(m.group(2)) if m else None
+    if rng is None:
+        raise FhirError(400, "invalid", f"{name}: {value!r} is not a date (prefix + YYYY[-MM[-DD[Thh:mm[:ss]]]][Z])")
+    return DateValue(m.group(1) or "eq", rng[0], rng[1])
+
+
+def _int(name: str, value: str, maximum: int) -> int:
     try:
         n = int(value, 10)
     except ValueError:
@@ -88,31 +82,164 @@ def _non_negative_int(name: str, value: str, maximum: int) -> int:
     return min(n, maximum)
 
 
-def parse_search(resource_type: str, items: list[tuple[str, str]]) -> SearchQuery:
-    """Query-string pairs (in order, repeats kept) -> SearchQuery, or FhirError 400."""
-    allowed = SEARCH_PARAMS[resource_type]
-    seen: dict[str, str] = {}
-    for name, value in items:
-        if name in IGNORED_PARAMS:
+def _split(value: str) -> list[str]:
+    """Comma-separated values; '\\,' is a literal comma (https://hl7.org/fhir/R4/search.html#escaping)."""
+    parts, cur, i = [], "", 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value) and value[i + 1] in ",$|\\":
+            cur += value[i + 1]
+            i += 2
             continue
-        base = name.split(":", 1)[0]
-        if name != base:
-            raise FhirError(400, "not-supported", f"search modifier in {name!r} is not supported")
-        if base not in allowed and base not in ("_count", "_offset"):
-            supported = ", ".join([*allowed, "_count"])
-            raise FhirError(400, "not-supported",
-                            f"unknown search parameter {name!r} for {resource_type} (supported: {supported})")
-        if base in seen:
-            raise FhirError(400, "not-supported", f"parameter {name!r} given more than once")
-        seen[base] = value
+        if c == ",":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    parts.append(cur)
+    return parts
 
-    count = _non_negative_int("_count", seen["_count"], MAX_COUNT) if "_count" in seen else DEFAULT_COUNT
-    offset = _non_negative_int("_offset", seen["_offset"], MAX_OFFSET) if "_offset" in seen else 0
-    subject = parse_reference("subject", seen["subject"], patient_only=False) if "subject" in seen else None
-    patient = parse_reference("patient", seen["patient"], patient_only=True) if "patient" in seen else None
-    contradictory = subject is not None and patient is not None and subject != patient
-    code: tuple[TokenFilter, ...] = ()
-    if "code" in seen:
-        code = tuple(parse_token(v) for v in seen["code"].split(","))
-    return SearchQuery(subject=subject or patient, code=code, count=count, offset=offset,
-                       contradictory=contradictory)
+
+def _include_spec(name: str, value: str, rtype: str, rev: bool) -> tuple[str, str, str | None]:
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise FhirError(400, "invalid", f"{name}={value!r}: expected Type:param[:TargetType]")
+    src, param = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    if src not in PARAMS or param not in PARAMS[src] or PARAMS[src][param].kind != "reference":
+        raise FhirError(400, "not-supported", f"{name}={value!r}: not a supported reference parameter")
+    if not rev and src != rtype:
+        raise FhirError(400, "invalid", f"_include={value!r}: source type must be {rtype}")
+    if target is not None and target not in PARAMS[src][param].targets:
+        raise FhirError(400, "invalid", f"{name}={value!r}: {param} cannot reference {target}")
+    if rev and (target or rtype) not in PARAMS[src][param].targets:
+        raise FhirError(400, "invalid", f"_revinclude={value!r}: {src}.{param} does not reference {rtype}")
+    return src, param, target
+
+
+def parse_search(resource_type: str, items: list[tuple[str, str]], *, strict: bool = False) -> ParsedSearch:
+    """Query pairs (in order, repeats kept) -> ParsedSearch, or FhirError 400."""
+    params = PARAMS[resource_type]
+    filters: list[Filter] = []
+    ignored: list[str] = []
+    link: list[tuple[str, str]] = []
+    count, offset, snapshot, total = DEFAULT_COUNT, 0, None, "accurate"
+    sort: tuple = ()
+    summary_count, elements = False, ()
+    include: list = []
+    revinclude: list = []
+
+    def unknown(name: str, why: str) -> None:
+        if strict:
+            raise FhirError(400, "not-supported", f"{why} (Prefer: handling=strict)")
+        ignored.append(name)
+
+    for name, value in items:
+        base, _, modifier = name.partition(":")
+        modifier = modifier or None
+        if base in FORMAT_PARAMS:
+            continue
+        if base == "_count":
+            count = _int("_count", value, MAX_COUNT)
+            continue
+        if base == "_offset":
+            offset = _int("_offset", value, MAX_OFFSET)
+            continue
+        if base == "_snapshot":
+            snapshot = _int("_snapshot", value, 2 ** 62)
+            continue
+        if base == "_total":
+            if value not in ("none", "estimate", "accurate"):
+                raise FhirError(400, "invalid", "_total must be none, estimate or accurate")
+            total = value
+            link.append((name, value))
+            continue
+        if base == "_summary":
+            if value == "count":
+                summary_count = True
+            elif value != "false":
+                unknown(name, f"_summary={value} is not supported (count and false are)")
+                continue
+            link.append((name, value))
+            continue
+        if base == "_elements":
+            elements = tuple(e.strip() for e in value.split(",") if e.strip())
+            link.append((name, value))
+            continue
+        if base == "_sort":
+            keys = []
+            for k in value.split(","):
+                desc = k.startswith("-")
+                k = k.lstrip("-")
+                if k not in SORT_KEYS:
+                    raise FhirError(400, "not-supported", f"_sort by {k!r} is not supported (supported: "
+                                    f"{', '.join(SORT_KEYS)})")
+                keys.append((k, desc))
+            sort = tuple(keys)
+            link.append((name, value))
+            continue
+        if base in ("_include", "_revinclude"):
+            spec = _include_spec(base, value, resource_type, base == "_revinclude")
+            (revinclude if base == "_revinclude" else include).append(spec)
+            link.append((name, value))
+            continue
+        if not value and modifier != "missing":
+            continue  # an empty value is ignored (https://hl7.org/fhir/R4/search.html#errors)
+        if base == "_id":
+            if modifier == "missing":
+                filters.append(Filter("_id", "missing", (value == "true",)))
+            elif modifier is None:
+                filters.append(Filter("_id", None, tuple(_split(value))))
+            else:
+                unknown(name, f"modifier :{modifier} is not supported on _id")
+                continue
+            link.append((name, value))
+            continue
+        if base == "_lastUpdated":
+            if modifier is not None:
+                unknown(name, f"modifier :{modifier} is not supported on _lastUpdated")
+                continue
+            filters.append(Filter("_lastUpdated", None, tuple(parse_date(name, v) for v in _split(value))))
+            link.append((name, value))
+            continue
+        p = params.get(base)
+        if p is None:
+            unknown(name, f"unknown search parameter {name!r} for {resource_type} (supported: "
+                    f"{', '.join(['_id', '_lastUpdated', *params])})")
+            continue
+        if modifier == "missing":
+            if value not in ("true", "false"):
+                raise FhirError(400, "invalid", f"{name} must be true or false")
+            filters.append(Filter(base, "missing", (value == "true",)))
+        elif p.kind == "token":
+            if modifier not in (None, "not"):
+                unknown(name, f"modifier :{modifier} is not supported on token parameter {base}")
+                continue
+            filters.append(Filter(base, modifier, tuple(parse_token(v) for v in _split(value))))
+        elif p.kind == "reference":
+            default = p.targets[0]
+            if modifier is not None:
+                if modifier not in p.targets:
+                    unknown(name, f"modifier :{modifier} is not supported on reference parameter {base}")
+                    continue
+                default = modifier
+            refs = tuple(parse_reference(base, v, default, p.targets) for v in _split(value))
+            if modifier is not None and any(not r.startswith(modifier + "/") for r in refs):
+                raise FhirError(400, "invalid", f"{name}: references must be to {modifier}")
+            filters.append(Filter(base, None, refs))
+        elif p.kind == "date":
+            if modifier is not None:
+                unknown(name, f"modifier :{modifier} is not supported on date parameter {base}")
+                continue
+            filters.append(Filter(base, None, tuple(parse_date(base, v) for v in _split(value))))
+        elif p.kind == "string":
+            if modifier not in (None, "exact", "contains"):
+                unknown(name, f"modifier :{modifier} is not supported on string parameter {base}")
+                continue
+            filters.append(Filter(base, modifier, tuple(_split(value))))
+        link.append((name, value))
+
+    query = SearchQuery(resource_type, tuple(filters), sort, 0 if summary_count else count, offset, snapshot,
+                        "accurate" if summary_count else total, tuple(include), tuple(revinclude))
+    return ParsedSearch(query, summary_count, elements, ignored, link)

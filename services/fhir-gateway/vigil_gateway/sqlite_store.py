@@ -2,17 +2,17 @@
 
 WAL journal so readers are not blocked by the bus consumer's writes; one connection for writes and
 one for reads, each behind a lock (sqlite3 connections must not be used by two threads at once).
+All SQL lives in store.SqlStore, shared with PostgreSQL.
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sqlite3
 import threading
 
-import orjson
-
 from vigil_gateway.migrate import SCHEMA_VERSION_DDL, migration_files
-from vigil_gateway.store import TokenFilter, UpsertCounts, chunks, now_instant, plan_upsert, token_where
+from vigil_gateway.store import SqlStore, Tx, chunks, now_instant
 
 _IN_CHUNK = 400  # stays well under SQLite's bound-parameter limit (2 per key)
 
@@ -24,7 +24,7 @@ def sqlite_path(database_url: str) -> str:
     return database_url[len("sqlite:///"):]
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     dialect = "sqlite"
 
     def __init__(self, path: str | pathlib.Path):
@@ -35,8 +35,8 @@ class SqliteStore:
         self._write = self._connect()
         # An in-memory database exists only for its connection: share it.
         self._read = self._write if memory else self._connect()
-        self._write_lock = threading.Lock()
-        self._read_lock = self._write_lock if memory else threading.Lock()
+        self._write_lock = threading.RLock()
+        self._read_lock = self._write_lock if memory else threading.RLock()
 
     @classmethod
     def from_url(cls, database_url: str) -> SqliteStore:
@@ -73,83 +73,51 @@ class SqliteStore:
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
-            return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+            version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        if version >= 2:
+            self._reindex_if_pending()
+        return version
 
-    # --- writes -------------------------------------------------------------------------------
+    # --- SqlStore hooks -----------------------------------------------------------------------
 
-    def upsert_many(self, resources: list[dict]) -> UpsertCounts:
-        if not resources:
-            return UpsertCounts()
+    @contextlib.contextmanager
+    def _write_tx(self):
         with self._write_lock:
             conn = self._write
             conn.execute("BEGIN IMMEDIATE")
             try:
-                keys = list({(r.get("resourceType"), r.get("id")) for r in resources if isinstance(r, dict)})
-                existing: dict[tuple[str, str], tuple[int, str]] = {}
-                for part in chunks(keys, _IN_CHUNK):
-                    where = " OR ".join(["(resource_type=? AND id=?)"] * len(part))
-                    params = [x for k in part for x in k]
-                    for rt, rid, ver, digest in conn.execute(
-                            f"SELECT resource_type, id, version_id, content_hash FROM resources WHERE {where}",
-                            params):
-                        existing[(rt, rid)] = (ver, digest)
-                counts, rows, replaced = plan_upsert(resources, existing, now_instant())
-                if replaced:
-                    conn.executemany("DELETE FROM resource_tokens WHERE resource_type=? AND resource_id=?",
-                                     list(replaced))
-                conn.executemany(
-                    "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, "
-                    "content_hash, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
-                    "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
-                    "content_hash=excluded.content_hash, body=excluded.body",
-                    [(r.resource_type, r.id, r.version_id, r.last_updated, r.subject, r.date, r.content_hash,
-                      r.body_json()) for r in rows])
-                conn.executemany(
-                    "INSERT INTO resource_tokens (resource_type, resource_id, subject, system, code, date) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [(r.resource_type, r.id, r.subject, s, c, r.date) for r in rows for s, c in r.codes])
+                yield Tx(conn.cursor())
                 conn.execute("COMMIT")
-                return counts
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
 
-    # --- reads --------------------------------------------------------------------------------
-
-    def read(self, resource_type: str, resource_id: str) -> dict | None:
-        with self._read_lock:
-            row = self._read.execute("SELECT body FROM resources WHERE resource_type=? AND id=?",
-                                     (resource_type, resource_id)).fetchone()
-        return orjson.loads(row[0]) if row else None
-
-    def search(self, resource_type: str, subject: str | None = None, code: list[TokenFilter] | None = None,
-               count: int = 50, offset: int = 0) -> tuple[int, list[dict]]:
-        if code:
-            token_sql, params = token_where(resource_type, subject, code, "?")
-            count_sql = f"SELECT COUNT(*) FROM (SELECT DISTINCT resource_id FROM resource_tokens WHERE {token_sql})"
-            page_sql = (f"SELECT r.body FROM (SELECT DISTINCT date, resource_id FROM resource_tokens "
-                        f"WHERE {token_sql}) m JOIN resources r ON r.resource_type=? AND r.id=m.resource_id "
-                        f"ORDER BY m.date DESC NULLS LAST, m.resource_id LIMIT ? OFFSET ?")
-            page_params = [*params, resource_type, count, offset]
-        else:
-            where, params = "resource_type=?", [resource_type]
-            if subject is not None:
-                where += " AND subject=?"
-                params.append(subject)
-            count_sql = f"SELECT COUNT(*) FROM resources WHERE {where}"
-            page_sql = (f"SELECT body FROM resources WHERE {where} "
-                        f"ORDER BY date DESC NULLS LAST, id LIMIT ? OFFSET ?")
-            page_params = [*params, count, offset]
+    @contextlib.contextmanager
+    def _read_tx(self):
         with self._read_lock:
             conn = self._read
+            if conn is self._write and conn.in_transaction:  # nested in a write (in-memory database)
+                yield Tx(conn.cursor())
+                return
             conn.execute("BEGIN")  # one snapshot for the total and the page
             try:
-                total = conn.execute(count_sql, params).fetchone()[0]
-                rows = conn.execute(page_sql, page_params).fetchall() if count > 0 else []
+                yield Tx(conn.cursor())
             finally:
                 conn.execute("COMMIT")
-        return total, [orjson.loads(r[0]) for r in rows]
+
+    def _existing(self, tx, keys):
+        existing = {}
+        for part in chunks(keys, _IN_CHUNK):
+            where = " OR ".join(["(resource_type=? AND id=?)"] * len(part))
+            for rt, rid, ver, digest in tx.q(
+                    f"SELECT resource_type, id, version_id, content_hash FROM resources WHERE {where}",
+                    [x for k in part for x in k]):
+                existing[(rt, rid)] = (ver, digest)
+        return existing
+
+    def _next_seqs(self, tx, n: int) -> list[int]:
+        end = tx.q("UPDATE resource_seq SET value=value+? WHERE id=1 RETURNING value", [n])[0][0]
+        return list(range(end - n + 1, end + 1))
 
     def ping(self) -> bool:
         try:

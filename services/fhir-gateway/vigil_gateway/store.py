@@ -1,32 +1,72 @@
 """The Store port: what the gateway needs from a database, and the semantics every adapter shares.
 
-Adapters: `sqlite_store.SqliteStore` (embedded default) and `postgres_store.PostgresStore`. Both keep
-the current version of each resource with these rules (https://hl7.org/fhir/R4/http.html#versioning,
-https://hl7.org/fhir/R4/resource.html#Meta):
+Adapters: `sqlite_store.SqliteStore` (embedded default) and `postgres_store.PostgresStore`, both
+subclasses of `SqlStore` below, which holds every SQL statement (written once, `?` placeholders,
+rewritten to `%s` for psycopg). Versioning rules (https://hl7.org/fhir/R4/http.html#versioning):
 
 * the store owns `meta.versionId` (starting at "1") and `meta.lastUpdated` (UTC instant);
   values sent by producers are ignored;
 * an incoming resource whose content, ignoring `meta.versionId` and `meta.lastUpdated`, equals the
   stored one is `unchanged` (no new version): redelivery from the bus is harmless;
-* different content replaces it with versionId + 1 (`updated`).
+* different content replaces it with versionId + 1 (`updated`); every version is kept in
+  resource_history (vread, _history).
 
-Search (https://hl7.org/fhir/R4/search.html) is by subject reference and by `code` tokens, newest
-effective/occurrence date first, then by id; `total` is exact.
+Search (https://hl7.org/fhir/R4/search.html) runs on the index tables of migration 0002
+(idx_token, idx_reference, idx_date, idx_string; see fhirindex.py). A search whose filters include
+one exact token (system|code) is driven from idx_token, with the patient reference and the `date`
+range denormalised on the token row, so `Observation?subject=X&code=S|C&date=ge...` is a single
+index range scan in index order (no sort, no table scan). Paging is by offset *within a snapshot*:
+the first page records the highest creation sequence (`_snapshot`), later pages only see resources
+created up to it, so rows arriving meanwhile never shift or duplicate entries across pages.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import orjson
 
 from vigil.ids import is_fhir_id
+from vigil_gateway.fhirindex import (
+    SEARCH_PARAMS,
+    WRITABLE_TYPES,
+    IndexRows,
+    Param,
+    format_utc,
+    index_rows,
+    normalise_reference,
+)
+
+__all__ = [
+    "DateValue",
+    "Filter",
+    "InvalidResource",
+    "PreconditionFailed",
+    "SearchQuery",
+    "SearchResult",
+    "SqlStore",
+    "Store",
+    "TokenFilter",
+    "UpsertCounts",
+    "WriteResult",
+    "check_resource",
+    "content_hash",
+    "format_utc",
+    "normalise_date",
+    "normalise_reference",
+    "now_instant",
+]
 
 
 class InvalidResource(ValueError):
     """A resource that can never be stored (no resourceType, bad id...): retrying will not help."""
+
+
+class PreconditionFailed(Exception):
+    """If-Match mismatch, or a conditional create matching several resources (HTTP 412)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,37 +82,83 @@ class UpsertCounts:
 
 @dataclass(frozen=True, slots=True)
 class TokenFilter:
-    """One `code` search token: system None = any system, '' = no system; code None = any code."""
+    """One token: system None = any system, '' = no system; code None = any code."""
 
     system: str | None
     code: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DateValue:
+    prefix: str  # eq ne lt gt le ge sa eb ap
+    low: str
+    high: str
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """One search parameter occurrence: values are OR-ed; filters are AND-ed.
+
+    name: a Param name of the type, or `_id` / `_lastUpdated`. modifier: None, 'missing', 'not',
+    'exact', 'contains', or a resource type (reference type modifier, already applied to values).
+    values: TokenFilter (token), 'Type/id' (reference), DateValue (date), str (string, _id), bool (missing).
+    """
+
+    name: str
+    modifier: str | None
+    values: tuple
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    resource_type: str
+    filters: tuple[Filter, ...] = ()
+    sort: tuple[tuple[str, bool], ...] = ()  # (key, descending); () = default (date desc, id)
+    count: int = 50
+    offset: int = 0
+    snapshot: int | None = None
+    total: str = "accurate"  # accurate | none | estimate (treated as accurate)
+    include: tuple[tuple[str, str, str | None], ...] = ()     # (source type, param, target type)
+    revinclude: tuple[tuple[str, str, str | None], ...] = ()  # (source type, param, target type)
+
+
+@dataclass
+class SearchResult:
+    total: int | None
+    resources: list[dict]
+    has_more: bool
+    snapshot: int
+    included: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    outcome: str  # created | updated | unchanged | exists
+    resource: dict
 
 
 @runtime_checkable
 class Store(Protocol):
     dialect: str
 
-    def migrate(self) -> int:
-        """Apply pending migrations; returns the schema version. Idempotent."""
-
-    def upsert_many(self, resources: list[dict]) -> UpsertCounts:
-        """Store every resource in one transaction, applying the versioning rules above."""
-
-    def read(self, resource_type: str, resource_id: str) -> dict | None:
-        """The current version, with meta.versionId/lastUpdated, or None."""
-
+    def migrate(self) -> int: ...
+    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False) -> UpsertCounts: ...
+    def write(self, resource: dict, *, create: bool, if_match: int | None = None,
+              if_none_exist: SearchQuery | None = None, outbox: bool = True) -> WriteResult: ...
+    def read(self, resource_type: str, resource_id: str) -> dict | None: ...
+    def vread(self, resource_type: str, resource_id: str, version: int) -> dict | None: ...
+    def history(self, resource_type: str, resource_id: str | None, *, count: int, offset: int,
+                since: str | None = None, snapshot: str | None = None) -> tuple[int, list[tuple[str, dict]]]: ...
+    def search_query(self, query: SearchQuery) -> SearchResult: ...
     def search(self, resource_type: str, subject: str | None = None, code: list[TokenFilter] | None = None,
-               count: int = 50, offset: int = 0) -> tuple[int, list[dict]]:
-        """(total matches, one page). `subject` is a normalised reference (Patient/x); `code` is
-        OR-ed tokens; newest date first, then id."""
-
-    def ping(self) -> bool:
-        """True when the database answers."""
-
+               count: int = 50, offset: int = 0) -> tuple[int, list[dict]]: ...
+    def outbox_pending(self, limit: int = 100) -> list[tuple[int, str, str, int, dict]]: ...
+    def outbox_done(self, seqs: list[int]) -> None: ...
+    def ping(self) -> bool: ...
     def close(self) -> None: ...
 
 
-# --- shared helpers used by both adapters ---------------------------------------------------------
+# --- shared helpers ---------------------------------------------------------------------------------
 
 def check_resource(resource: object) -> tuple[str, str]:
     """(resourceType, id) of a storable resource, or InvalidResource."""
@@ -110,10 +196,6 @@ def now_instant() -> str:
     return format_utc(dt.datetime.now(dt.UTC))
 
 
-def format_utc(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def normalise_date(value: object) -> str | None:
     """A FHIR dateTime/instant as a sortable UTC string; partial dates (2024, 2024-05) kept as given."""
     if not isinstance(value, str) or not value:
@@ -124,81 +206,44 @@ def normalise_date(value: object) -> str | None:
         t = dt.datetime.fromisoformat(value)
     except ValueError:
         return value
-    if t.tzinfo is None:  # FHIR requires a zone when time is given; treat a missing one as UTC
+    if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return format_utc(t)
 
 
-def normalise_reference(ref: str, default_type: str = "Patient") -> str:
-    """'x' -> 'Patient/x'; 'Patient/x' stays; 'http://host/fhir/Patient/x' -> 'Patient/x'."""
-    ref = ref.strip()
-    parts = [p for p in ref.split("/") if p]
-    if "_history" in parts:
-        parts = parts[:parts.index("_history")]
-    if len(parts) >= 2:
-        return f"{parts[-2]}/{parts[-1]}"
-    return f"{default_type}/{ref}"
-
-
-def _subject_of(resource: dict) -> str | None:
-    subj = resource.get("subject")
-    if isinstance(subj, dict) and isinstance(subj.get("reference"), str) and subj["reference"]:
-        return normalise_reference(subj["reference"])
-    return None
-
-
-def _date_of(resource: dict) -> str | None:
-    for key in ("effectiveDateTime", "effectiveInstant", "occurrenceDateTime", "issued"):
-        if key in resource:
-            return normalise_date(resource[key])
-    for key in ("effectivePeriod", "occurrencePeriod"):
-        period = resource.get(key)
-        if isinstance(period, dict):
-            return normalise_date(period.get("start") or period.get("end"))
-    return None
-
-
-def _codes_of(resource: dict) -> list[tuple[str, str]]:
-    code = resource.get("code")
-    out: list[tuple[str, str]] = []
-    if isinstance(code, dict):
-        for coding in code.get("coding") or []:
-            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-                system = coding.get("system") if isinstance(coding.get("system"), str) else ""
-                if (system, coding["code"]) not in out:
-                    out.append((system, coding["code"]))
-    return out
-
-
 @dataclass(slots=True)
 class PreparedRow:
-    """One resource ready to write: index columns, tokens, and the body with store-owned meta."""
-
     resource_type: str
     id: str
     version_id: int
     last_updated: str
-    subject: str | None
-    date: str | None
     content_hash: str
     body: dict
-    codes: list[tuple[str, str]]
+    index: IndexRows
+    is_new: bool
 
     def body_json(self) -> str:
         return orjson.dumps(self.body).decode()
 
 
-def plan_upsert(resources: list[dict], existing: dict[tuple[str, str], tuple[int, str]],
-                last_updated: str) -> tuple[UpsertCounts, list[PreparedRow], set[tuple[str, str]]]:
-    """Apply the versioning rules to a batch, in order.
+def _stamp(resource: dict, rtype: str, rid: str, version: int, last_updated: str) -> dict:
+    meta = dict(resource.get("meta") or {})
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = last_updated
+    body = {"resourceType": rtype, "id": rid, "meta": meta}
+    body.update((k, v) for k, v in resource.items() if k not in ("resourceType", "id", "meta"))
+    return body
 
-    `existing` maps (type, id) -> (version, content hash) for the stored rows. Returns the counts,
-    the rows to write (final state per key), and the keys that already existed (their tokens must be
-    replaced). A resource repeated in the batch is applied in order, like separate deliveries.
-    """
+
+def plan_upsert(resources: list[dict], existing: dict[tuple[str, str], tuple[int, str]], last_updated: str,
+                *, stale_guard: bool = False) -> tuple[UpsertCounts, list[PreparedRow], list[PreparedRow]]:
+    """Apply the versioning rules to a batch, in order. Returns counts, the final row per key and every
+    new version (for history). `stale_guard`: a Patient/Encounter carrying meta.versionId not above
+    the stored version is an echo of an older write (our own bus publication) and is `unchanged`."""
     new = updated = unchanged = 0
     state = dict(existing)
     rows: dict[tuple[str, str], PreparedRow] = {}
+    versions: list[PreparedRow] = []
     for resource in resources:
         rtype, rid = check_resource(resource)
         key = (rtype, rid)
@@ -207,43 +252,536 @@ def plan_upsert(resources: list[dict], existing: dict[tuple[str, str], tuple[int
         if prior is not None and prior[1] == digest:
             unchanged += 1
             continue
+        if stale_guard and prior is not None and rtype in WRITABLE_TYPES:
+            vid = str((resource.get("meta") or {}).get("versionId") or "")
+            if vid.isdigit() and int(vid) <= prior[0]:
+                unchanged += 1
+                continue
         version = 1 if prior is None else prior[0] + 1
         if prior is None:
             new += 1
         else:
             updated += 1
-        meta = dict(resource.get("meta") or {})
-        meta["versionId"] = str(version)
-        meta["lastUpdated"] = last_updated
-        body = {"resourceType": rtype, "id": rid, "meta": meta}
-        body.update((k, v) for k, v in resource.items() if k not in ("resourceType", "id", "meta"))
-        rows[key] = PreparedRow(rtype, rid, version, last_updated, _subject_of(resource), _date_of(resource),
-                                digest, body, _codes_of(resource))
+        body = _stamp(resource, rtype, rid, version, last_updated)
+        is_new = key not in existing
+        row = PreparedRow(rtype, rid, version, last_updated, digest, body, index_rows(body), is_new)
+        rows[key] = row
+        versions.append(row)
         state[key] = (version, digest)
-    return UpsertCounts(new, updated, unchanged), list(rows.values()), set(existing) & set(rows)
-
-
-def token_where(resource_type: str, subject: str | None, code: list[TokenFilter], ph: str) -> tuple[str, list]:
-    """WHERE clause on resource_tokens for a type, optional subject and OR-ed code tokens; `ph` is the
-    driver's placeholder (? for sqlite3, %s for psycopg)."""
-    where, params = [f"resource_type={ph}"], [resource_type]
-    if subject is not None:
-        where.append(f"subject={ph}")
-        params.append(subject)
-    ors = []
-    for t in code:
-        parts = []
-        if t.code is not None:
-            parts.append(f"code={ph}")
-            params.append(t.code)
-        if t.system is not None:
-            parts.append(f"system={ph}")
-            params.append(t.system)
-        ors.append("(" + " AND ".join(parts or ["1=1"]) + ")")
-    where.append("(" + " OR ".join(ors) + ")")
-    return " AND ".join(where), params
+    return UpsertCounts(new, updated, unchanged), list(rows.values()), versions
 
 
 def chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+# --- SQL for search ---------------------------------------------------------------------------------
+
+_MIN_DATE, _MAX_DATE = "0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z"
+
+
+def _date_sql(lo: str, hi: str, v: DateValue, now: dt.datetime) -> tuple[str, list]:
+    """Predicate on a stored inclusive range [lo, hi] for a search value (https://hl7.org/fhir/R4/search.html#prefix)."""
+    p, sl, sh = v.prefix, v.low, v.high
+    if p == "eq":
+        return f"({lo} >= ? AND {hi} <= ?)", [sl, sh]
+    if p == "ne":
+        return f"NOT ({lo} >= ? AND {hi} <= ?)", [sl, sh]
+    if p == "gt":
+        return f"{hi} > ?", [sh]
+    if p == "lt":
+        return f"{lo} < ?", [sl]
+    if p == "ge":  # above the value, or within it; the first conjunct is what an index range uses
+        return f"({hi} >= ? AND ({hi} > ? OR ({lo} >= ? AND {hi} <= ?)))", [sl, sh, sl, sh]
+    if p == "le":
+        return f"({lo} <= ? AND ({lo} < ? OR ({lo} >= ? AND {hi} <= ?)))", [sh, sl, sl, sh]
+    if p == "sa":
+        return f"{lo} > ?", [sh]
+    if p == "eb":
+        return f"{hi} < ?", [sl]
+    if p == "ap":  # within 10% of the distance between the value and now (at least the value's precision)
+        t_lo = dt.datetime.fromisoformat(sl)
+        t_hi = dt.datetime.fromisoformat(sh)
+        gap = abs(now - t_lo) * 0.1
+        a_lo, a_hi = format_utc(t_lo - gap), format_utc(t_hi + gap)
+        return f"({hi} >= ? AND {lo} <= ?)", [a_lo, a_hi]
+    raise ValueError(f"unknown date prefix {p!r}")
+
+
+def _token_match(alias: str, t: TokenFilter) -> tuple[str, list]:
+    parts, params = [], []
+    if t.code is not None:
+        parts.append(f"{alias}.value=?")
+        params.append(t.code)
+    if t.system is not None:
+        parts.append(f"{alias}.system=?")
+        params.append(t.system)
+    return "(" + " AND ".join(parts or ["1=1"]) + ")", params
+
+
+_IDX_TABLE = {"token": "idx_token", "reference": "idx_reference", "date": "idx_date", "string": "idx_string"}
+
+
+class _SqlBuilder:
+    """FROM/WHERE/ORDER BY for a SearchQuery. `nulls` is ' NULLS LAST' (PostgreSQL) or '' (SQLite,
+    where DESC already sorts NULLs last)."""
+
+    def __init__(self, q: SearchQuery, dialect: str):
+        self.q, self.dialect = q, dialect
+        self.params_ = SEARCH_PARAMS[q.resource_type]
+        self.where: list[str] = ["r.resource_type=?"]
+        self.args: list = [q.resource_type]
+        self.now = dt.datetime.now(dt.UTC)
+        self.driver: Filter | None = None
+        self._choose_driver()
+
+    def _choose_driver(self) -> None:
+        if self.q.sort not in ((), (("date", True),)):
+            return
+        for f in self.q.filters:
+            p = self.params_.get(f.name)
+            if (p is not None and p.kind == "token" and f.modifier is None and len(f.values) == 1
+                    and f.values[0].system is not None and f.values[0].code is not None):
+                self.driver = f
+                return
+
+    def build(self) -> tuple[str, str, list, str]:
+        """(from, where, args, order by)"""
+        q, d = self.q, self.driver
+        nulls = " NULLS LAST" if self.dialect == "postgresql" else ""
+        if d is not None:
+            frm = "idx_token t JOIN resources r ON r.resource_type=t.resource_type AND r.id=t.resource_id"
+            t0 = d.values[0]
+            self.where += ["t.resource_type=?", "t.param=?", "t.value=?", "t.system=?"]
+            self.args += [q.resource_type, d.name, t0.code, t0.system]
+            order = f"t.date_high DESC{nulls}, t.resource_id"
+        else:
+            frm = "resources r"
+            order = None
+        for f in q.filters:
+            if f is d:
+                continue
+            self._filter(f)
+        if q.snapshot is not None:
+            self.where.append("r.created_seq <= ?")
+            self.args.append(q.snapshot)
+        if order is None:
+            order = self._order(nulls)
+        return frm, " AND ".join(self.where), self.args, order
+
+    def _order(self, nulls: str) -> str:
+        if not self.q.sort:
+            return f"r.date_high DESC{nulls}, r.id"
+        keys = []
+        for key, desc in self.q.sort:
+            col = {"_id": "r.id", "_lastUpdated": "r.last_updated",
+                   "date": "r.date_high" if desc else "r.date"}[key]
+            if col == "r.id":
+                keys.append(col + (" DESC" if desc else ""))
+            else:
+                keys.append(col + (f" DESC{nulls}" if desc else " NULLS LAST"))
+        if not any(k == "_id" for k, _ in self.q.sort):
+            keys.append("r.id")
+        return ", ".join(keys)
+
+    def _in(self, sql: str, args: list, negate: bool = False) -> None:
+        self.where.append(f"r.id {'NOT IN' if negate else 'IN'} ({sql})")
+        self.args += args
+
+    def _filter(self, f: Filter) -> None:
+        rt = self.q.resource_type
+        if f.name == "_id":
+            if f.modifier == "missing":
+                if f.values[0]:
+                    self.where.append("1=0")
+                return
+            self.where.append("r.id IN (" + ",".join("?" * len(f.values)) + ")")
+            self.args += list(f.values)
+            return
+        if f.name == "_lastUpdated":
+            ors, args = [], []
+            for v in f.values:
+                sql, a = _date_sql("r.last_updated", "r.last_updated", v, self.now)
+                ors.append(sql)
+                args += a
+            self.where.append("(" + " OR ".join(ors) + ")")
+            self.args += args
+            return
+        p: Param = self.params_[f.name]
+        table = _IDX_TABLE[p.kind]
+        base = f"SELECT x.resource_id FROM {table} x WHERE x.resource_type=? AND x.param=?"
+        base_args = [rt, p.name]
+        if f.modifier == "missing":
+            self._in(base, base_args, negate=bool(f.values[0]))
+            return
+        if p.kind == "token":
+            ors, args = [], []
+            for t in f.values:
+                sql, a = _token_match("x", t)
+                ors.append(sql)
+                args += a
+            self._in(base + " AND (" + " OR ".join(ors) + ")", base_args + args, negate=f.modifier == "not")
+        elif p.kind == "reference":
+            if (self.driver is not None and f.name in ("subject", "patient") and len(f.values) == 1
+                    and _denormalised_subject(rt, f.name)):
+                self.where.append("t.subject=?")
+                self.args.append(f.values[0])
+                return
+            if len(f.values) == 1 and _denormalised_subject(rt, f.name):
+                self.where.append("r.subject=?")
+                self.args.append(f.values[0])
+                return
+            self._in(base + " AND x.target IN (" + ",".join("?" * len(f.values)) + ")",
+                     base_args + list(f.values))
+        elif p.kind == "date":
+            if p.name == "date" and self.driver is not None:
+                lo, hi, direct = "t.date_low", "t.date_high", True
+            elif p.name == "date":
+                lo, hi, direct = "r.date", "r.date_high", True
+            else:
+                lo, hi, direct = "x.low", "x.high", False
+            ors, args = [], []
+            for v in f.values:
+                sql, a = _date_sql(lo, hi, v, self.now)
+                ors.append(sql)
+                args += a
+            cond = "(" + " OR ".join(ors) + ")"
+            if direct:
+                # NULL-safe: a resource without a date matches no date filter
+                self.where.append(f"{hi} IS NOT NULL AND {cond}")
+                self.args += args
+            else:
+                self._in(base + " AND " + cond, base_args + args)
+        elif p.kind == "string":
+            ors, args = [], []
+            for s in f.values:
+                if f.modifier == "exact":
+                    ors.append("x.exact=?")
+                    args.append(s)
+                elif f.modifier == "contains":
+                    ors.append("x.norm LIKE ? ESCAPE '\\'")
+                    args.append("%" + _like(s) + "%")
+                else:
+                    ors.append("x.norm LIKE ? ESCAPE '\\'")
+                    args.append(_like(s) + "%")
+            self._in(base + " AND (" + " OR ".join(ors) + ")", base_args + args)
+
+
+def _like(s: str) -> str:
+    from vigil_gateway.fhirindex import normalise_string
+    return normalise_string(s).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _denormalised_subject(rtype: str, param: str) -> bool:
+    """resources.subject / idx_token.subject hold this reference parameter's (single) value."""
+    return (rtype, param) in {("Observation", "subject"), ("Observation", "patient"),
+                              ("RiskAssessment", "subject"), ("RiskAssessment", "patient"),
+                              ("Encounter", "subject"), ("Encounter", "patient"), ("Device", "patient")}
+
+
+# --- the shared SQL store ---------------------------------------------------------------------------
+
+class SqlStore:
+    """Everything except connections, transactions and dialect details (see the two subclasses)."""
+
+    dialect = "?"
+    body_col = "r.body"     # PostgreSQL: r.body::text
+    json_param = "?"        # PostgreSQL: ?::jsonb
+    in_chunk = 400
+    revinclude_max = 1000
+
+    # subclasses provide: _write_tx() / _read_tx() context managers yielding an object with
+    # q(sql, args) -> rows, many(sql, seq), and _next_seqs(tx, n) -> list[int], _decode(text) -> dict,
+    # _lock_key(tx, key) (serialise conditional creates across processes; no-op for SQLite).
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def _existing(self, tx, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, str]]:
+        raise NotImplementedError
+
+    def _apply(self, tx, rows: list[PreparedRow], versions: list[PreparedRow], *, outbox: bool = False) -> None:
+        if not rows:
+            return
+        new_rows = [r for r in rows if r.is_new]
+        seqs = self._next_seqs(tx, len(new_rows)) if new_rows else []
+        created = {(r.resource_type, r.id): s for r, s in zip(new_rows, seqs, strict=True)}
+        old = [(r.resource_type, r.id) for r in rows if not r.is_new]
+        if old:
+            for table in ("idx_token", "idx_reference", "idx_date", "idx_string"):
+                tx.many(f"DELETE FROM {table} WHERE resource_type=? AND resource_id=?", old)
+        jp = self.json_param
+        tx.many(
+            "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
+            f"content_hash, body, created_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {jp}, ?) "
+            "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
+            "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
+            "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body",
+            [(r.resource_type, r.id, r.version_id, r.last_updated, r.index.subject,
+              r.index.date[0] if r.index.date else None, r.index.date[1] if r.index.date else None,
+              r.content_hash, r.body_json(), created.get((r.resource_type, r.id))) for r in rows])
+        tx.many("INSERT INTO resource_history (resource_type, id, version_id, last_updated, method, body) "
+                f"VALUES (?, ?, ?, ?, ?, {jp})",
+                [(v.resource_type, v.id, v.version_id, v.last_updated, "POST" if v.version_id == 1 else "PUT",
+                  v.body_json()) for v in versions])
+        self._insert_index(tx, rows)
+        if outbox:
+            tx.many(f"INSERT INTO outbox (resource_type, id, version_id, body) VALUES (?, ?, ?, {jp})",
+                    [(r.resource_type, r.id, r.version_id, r.body_json()) for r in rows])
+
+    def _insert_index(self, tx, rows: list[PreparedRow]) -> None:
+        toks, refs, dates, strs = [], [], [], []
+        for r in rows:
+            ix = r.index
+            lo, hi = ix.date if ix.date else (None, None)
+            toks += [(r.resource_type, r.id, p, s, v, ix.subject, lo, hi) for p, s, v in ix.tokens]
+            refs += [(r.resource_type, r.id, p, t) for p, t in ix.refs]
+            dates += [(r.resource_type, r.id, p, a, b) for p, a, b in ix.dates]
+            strs += [(r.resource_type, r.id, p, n, e) for p, n, e in ix.strings]
+        if toks:
+            tx.many("INSERT INTO idx_token (resource_type, resource_id, param, system, value, subject, date_low, "
+                    "date_high) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", toks)
+        if refs:
+            tx.many("INSERT INTO idx_reference (resource_type, resource_id, param, target) VALUES (?, ?, ?, ?)",
+                    refs)
+        if dates:
+            tx.many("INSERT INTO idx_date (resource_type, resource_id, param, low, high) VALUES (?, ?, ?, ?, ?)",
+                    dates)
+        if strs:
+            tx.many("INSERT INTO idx_string (resource_type, resource_id, param, norm, exact) "
+                    "VALUES (?, ?, ?, ?, ?)", strs)
+
+    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False) -> UpsertCounts:
+        if not resources:
+            return UpsertCounts()
+        for r in resources:
+            check_resource(r)
+        with self._write_tx() as tx:
+            keys = list({(r["resourceType"], r["id"]) for r in resources})
+            existing = self._existing(tx, keys)
+            counts, rows, versions = plan_upsert(resources, existing, now_instant(), stale_guard=stale_guard)
+            self._apply(tx, rows, versions)
+            return counts
+
+    def write(self, resource: dict, *, create: bool, if_match: int | None = None,
+              if_none_exist: SearchQuery | None = None, outbox: bool = True) -> WriteResult:
+        """REST create (create=True: the id is assigned here) or update (update-as-create allowed)."""
+        resource = dict(resource)
+        if create:
+            resource["id"] = str(uuid.uuid4())
+        rtype, rid = check_resource(resource)
+        with self._write_tx() as tx:
+            if if_none_exist is not None:
+                self._lock_key(tx, f"{rtype}?{if_none_exist.filters!r}")
+                found = self._search(tx, SearchQuery(rtype, if_none_exist.filters, count=2))
+                if len(found.resources) > 1:
+                    raise PreconditionFailed(f"If-None-Exist matches {len(found.resources)} {rtype} resources")
+                if found.resources:
+                    return WriteResult("exists", found.resources[0])
+            existing = self._existing(tx, [(rtype, rid)])
+            prior = existing.get((rtype, rid))
+            if if_match is not None and (prior is None or prior[0] != if_match):
+                have = "no current version" if prior is None else f"version {prior[0]}"
+                raise PreconditionFailed(f"If-Match version {if_match} does not match ({have})")
+            counts, rows, versions = plan_upsert([resource], existing, now_instant())
+            if counts.unchanged:
+                current = self._read_one(tx, rtype, rid)
+                return WriteResult("unchanged", current)
+            self._apply(tx, rows, versions, outbox=outbox)
+            return WriteResult("created" if counts.new else "updated", rows[0].body)
+
+    def outbox_pending(self, limit: int = 100) -> list[tuple[int, str, str, int, dict]]:
+        with self._read_tx() as tx:
+            rows = tx.q(f"SELECT seq, resource_type, id, version_id, {self.body_col.replace('r.', '')} "
+                        "FROM outbox ORDER BY seq LIMIT ?", [limit])
+        return [(s, t, i, v, self._decode(b)) for s, t, i, v, b in rows]
+
+    def outbox_done(self, seqs: list[int]) -> None:
+        if seqs:
+            with self._write_tx() as tx:
+                tx.many("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+
+    def _reindex_if_pending(self) -> None:
+        """After migration 0002 on a database with data: compute created_seq and index rows."""
+        with self._write_tx() as tx:
+            if not tx.q("SELECT flag FROM reindex_pending"):
+                return
+            rows = tx.q(f"SELECT resource_type, id, {self.body_col} FROM resources r ORDER BY resource_type, id")
+            prepared = []
+            for rt, rid, body in rows:
+                b = self._decode(body)
+                meta = b.get("meta") or {}
+                prepared.append(PreparedRow(rt, rid, int(meta.get("versionId", 1)), meta.get("lastUpdated", ""),
+                                            "", b, index_rows(b), False))
+            seqs = self._next_seqs(tx, len(prepared)) if prepared else []
+            tx.many("UPDATE resources SET created_seq=?, subject=?, date=?, date_high=? WHERE resource_type=? AND id=?",
+                    [(s, p.index.subject, p.index.date[0] if p.index.date else None,
+                      p.index.date[1] if p.index.date else None, p.resource_type, p.id)
+                     for p, s in zip(prepared, seqs, strict=True)])
+            self._insert_index(tx, prepared)
+            tx.q("DELETE FROM reindex_pending")
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def _read_one(self, tx, rtype: str, rid: str) -> dict | None:
+        rows = tx.q(f"SELECT {self.body_col} FROM resources r WHERE r.resource_type=? AND r.id=?", [rtype, rid])
+        return self._decode(rows[0][0]) if rows else None
+
+    def read(self, resource_type: str, resource_id: str) -> dict | None:
+        with self._read_tx() as tx:
+            return self._read_one(tx, resource_type, resource_id)
+
+    def current_version(self, resource_type: str, resource_id: str) -> int | None:
+        with self._read_tx() as tx:
+            rows = tx.q("SELECT version_id FROM resources WHERE resource_type=? AND id=?",
+                        [resource_type, resource_id])
+        return rows[0][0] if rows else None
+
+    def vread(self, resource_type: str, resource_id: str, version: int) -> dict | None:
+        with self._read_tx() as tx:
+            rows = tx.q(f"SELECT {self.body_col} FROM resource_history r WHERE r.resource_type=? AND r.id=? "
+                        "AND r.version_id=?", [resource_type, resource_id, version])
+        return self._decode(rows[0][0]) if rows else None
+
+    def history(self, resource_type: str, resource_id: str | None, *, count: int, offset: int,
+                since: str | None = None, snapshot: str | None = None) -> tuple[int, list[tuple[str, dict]]]:
+        """(total, [(method, version body)]) newest first; `snapshot` bounds last_updated for stable paging."""
+        where, args = ["r.resource_type=?"], [resource_type]
+        if resource_id is not None:
+            where.append("r.id=?")
+            args.append(resource_id)
+        if since:
+            where.append("r.last_updated >= ?")
+            args.append(since)
+        if snapshot:
+            where.append("r.last_updated <= ?")
+            args.append(snapshot)
+        w = " AND ".join(where)
+        with self._read_tx() as tx:
+            total = tx.q(f"SELECT COUNT(*) FROM resource_history r WHERE {w}", args)[0][0]
+            rows = tx.q(f"SELECT r.method, {self.body_col} FROM resource_history r WHERE {w} "
+                        "ORDER BY r.last_updated DESC, r.id, r.version_id DESC LIMIT ? OFFSET ?",
+                        [*args, count, offset]) if count > 0 else []
+        return total, [(m, self._decode(b)) for m, b in rows]
+
+    def search_sql(self, q: SearchQuery) -> tuple[str, list]:
+        """The page query (for EXPLAIN in tests and benchmarks), in this driver's placeholder style."""
+        frm, where, args, order = _SqlBuilder(q, self.dialect).build()
+        return self._sql(f"SELECT {self.body_col} FROM {frm} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?"), \
+            [*args, q.count + 1, q.offset]
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _search(self, tx, q: SearchQuery) -> SearchResult:
+        frm, where, args, order = _SqlBuilder(q, self.dialect).build()
+        snapshot = q.snapshot
+        if snapshot is None:
+            snapshot = tx.q("SELECT COALESCE(MAX(created_seq), 0) FROM resources")[0][0]
+        total = None
+        if q.total != "none":
+            total = tx.q(f"SELECT COUNT(*) FROM {frm} WHERE {where}", args)[0][0]
+        rows = []
+        if q.count > 0:
+            rows = tx.q(f"SELECT {self.body_col} FROM {frm} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                        [*args, q.count + 1, q.offset])
+        has_more = len(rows) > q.count
+        resources = [self._decode(r[0]) for r in rows[:q.count]]
+        included = self._includes(tx, q, resources) if resources and (q.include or q.revinclude) else []
+        return SearchResult(total, resources, has_more, snapshot, included)
+
+    def _includes(self, tx, q: SearchQuery, resources: list[dict]) -> list[dict]:
+        out: dict[tuple[str, str], dict] = {}
+        matched = {(r["resourceType"], r["id"]) for r in resources}
+        ids = [r["id"] for r in resources]
+        for src, param, target_type in q.include:
+            targets: set[str] = set()
+            for part in chunks(ids, self.in_chunk):
+                rows = tx.q("SELECT target FROM idx_reference WHERE resource_type=? AND param=? AND resource_id IN ("
+                            + ",".join("?" * len(part)) + ")", [src, param, *part])
+                targets.update(t for (t,) in rows)
+            by_type: dict[str, list[str]] = {}
+            for t in targets:
+                tt, _, tid = t.partition("/")
+                if target_type is None or tt == target_type:
+                    by_type.setdefault(tt, []).append(tid)
+            for tt, tids in by_type.items():
+                for part in chunks(sorted(tids), self.in_chunk):
+                    for (b,) in tx.q(f"SELECT {self.body_col} FROM resources r WHERE r.resource_type=? AND r.id IN ("
+                                     + ",".join("?" * len(part)) + ")", [tt, *part]):
+                        res = self._decode(b)
+                        key = (res["resourceType"], res["id"])
+                        if key not in matched:
+                            out[key] = res
+        refs = [f"{r['resourceType']}/{r['id']}" for r in resources]
+        for src, param, target_type in q.revinclude:
+            targets = [x for x in refs if target_type is None or x.startswith(target_type + "/")]
+            got = 0
+            for part in chunks(targets, self.in_chunk):
+                rows = tx.q(f"SELECT {self.body_col} FROM idx_reference x JOIN resources r ON "
+                            "r.resource_type=x.resource_type AND r.id=x.resource_id WHERE x.resource_type=? AND "
+                            "x.param=? AND x.target IN (" + ",".join("?" * len(part)) + ") ORDER BY r.id LIMIT ?",
+                            [src, param, *part, self.revinclude_max - got])
+                for (b,) in rows:
+                    res = self._decode(b)
+                    key = (res["resourceType"], res["id"])
+                    if key not in matched:
+                        out[key] = res
+                got += len(rows)
+                if got >= self.revinclude_max:
+                    break
+        return list(out.values())
+
+    def search_query(self, query: SearchQuery) -> SearchResult:
+        with self._read_tx() as tx:
+            return self._search(tx, query)
+
+    def search(self, resource_type: str, subject: str | None = None, code: list[TokenFilter] | None = None,
+               count: int = 50, offset: int = 0) -> tuple[int, list[dict]]:
+        """Convenience form of search_query: subject reference and OR-ed code tokens."""
+        filters = []
+        if subject is not None:
+            filters.append(Filter("subject", None, (subject,)))
+        if code:
+            filters.append(Filter("code", None, tuple(code)))
+        res = self.search_query(SearchQuery(resource_type, tuple(filters), count=count, offset=offset))
+        return res.total, res.resources
+
+    # subclass hooks
+    def _write_tx(self):
+        raise NotImplementedError
+
+    def _read_tx(self):
+        raise NotImplementedError
+
+    def _next_seqs(self, tx, n: int) -> list[int]:
+        raise NotImplementedError
+
+    def _decode(self, text) -> dict:
+        return orjson.loads(text)
+
+    def _lock_key(self, tx, key: str) -> None:
+        return None
+
+
+class Tx:
+    """A transaction handle over a DB-API connection/cursor with `?` placeholders."""
+
+    def __init__(self, cur, placeholder: str = "?"):
+        self.cur, self.ph = cur, placeholder
+
+    def _s(self, sql: str) -> str:
+        return sql if self.ph == "?" else sql.replace("%", "%%").replace("?", "%s")
+
+    def q(self, sql: str, args: list | tuple = ()) -> list:
+        self.cur.execute(self._s(sql), args)
+        try:
+            return self.cur.fetchall()
+        except Exception:  # noqa: BLE001 - statement without a result set (psycopg raises)
+            return []
+
+    def many(self, sql: str, seq: list) -> None:
+        if seq:
+            self.cur.executemany(self._s(sql), seq)
+
+

@@ -2,6 +2,7 @@
 twin `LocalModel` (the booster directly, for tests and single-process use). Same async interface:
 
     await client.predict(features: np.ndarray) -> np.ndarray   # probabilities, one per row
+    await client.predict_explain(features) -> rows x (1 + 2k): probability, (feature index, SHAP) pairs
     await client.metadata() -> {"name", "version", "threshold", "feature_names"}
 """
 from __future__ import annotations
@@ -44,6 +45,18 @@ class ModelClient:
             raise RuntimeError(f"model service returned {out.shape} for {len(x)} rows")
         return out
 
+    async def predict_explain(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float64)
+        if len(x) == 0:
+            return np.empty((0, 1))
+        r = await self._http.post("/predict_explain", content=encode_features(x),
+                                  headers={"content-type": "application/json"})
+        r.raise_for_status()
+        out = np.asarray(orjson.loads(r.content), dtype=np.float64)
+        if out.ndim != 2 or len(out) != len(x):
+            raise RuntimeError(f"model service returned {out.shape} for {len(x)} rows")
+        return out
+
     async def metadata(self) -> dict:
         if self._metadata is None:
             r = await self._http.post("/metadata", content=b"{}", headers={"content-type": "application/json"})
@@ -74,6 +87,12 @@ class LocalModel:
         if len(x) == 0:
             return np.empty(0)
         return await asyncio.to_thread(self.model.predict, x)
+
+    async def predict_explain(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float64)
+        if len(x) == 0:
+            return np.empty((0, 1))
+        return await asyncio.to_thread(self.model.predict_explain, x)
 
     async def metadata(self) -> dict:
         m = self.model

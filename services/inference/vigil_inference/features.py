@@ -21,20 +21,35 @@ from vigil import physionet
 from vigil.catalogue import load_catalogue
 from vigil.codes import LOINC
 
+if False:  # typing only
+    import datetime as dt
+
 KEYS: tuple[str, ...] = tuple(physionet.MEASUREMENT_COLUMNS)
 KEY_INDEX = {k: i for i, k in enumerate(KEYS)}
 N_KEYS = len(KEYS)
 TREND_KEYS: tuple[str, ...] = ("HR", "MAP", "Resp", "Temp", "O2Sat", "SBP")
+LONG_KEYS: tuple[str, ...] = ("HR", "MAP", "Resp", "Temp")
 WINDOW = 6  # hours
+LONG_WINDOW = 24  # hours
 NEVER_HOURS = 1000.0  # "hours since last measurement" when a key was never measured (stays are <= 336 h)
+# Per-stay values from the EHR (vigil.ehr.demographics), NaN when unknown. The ICU length of stay is
+# computed per row from icu_admit_epoch (online) or ICULOS (offline); both give the same hours.
+STATIC_KEYS: tuple[str, ...] = ("age", "gender_male", "hosp_adm_hours", "unit_micu", "unit_sicu")
 
 
 def feature_names() -> list[str]:
     names = [f"{k}_last" for k in KEYS]
     names += [f"{k}_hours_since" for k in KEYS]
+    names += [f"{k}_prev_delta" for k in KEYS]  # last value minus the measurement before it
+    names += [f"{k}_count" for k in KEYS]  # measurements so far (missingness pattern)
     for k in TREND_KEYS:
-        names += [f"{k}_delta{WINDOW}h", f"{k}_mean{WINDOW}h", f"{k}_min{WINDOW}h", f"{k}_max{WINDOW}h"]
+        names += [f"{k}_delta{WINDOW}h", f"{k}_mean{WINDOW}h", f"{k}_min{WINDOW}h", f"{k}_max{WINDOW}h",
+                  f"{k}_std{WINDOW}h"]
+    for k in LONG_KEYS:
+        names += [f"{k}_mean{LONG_WINDOW}h", f"{k}_min{LONG_WINDOW}h", f"{k}_max{LONG_WINDOW}h"]
+    names += ["shock_index", "bun_creatinine", "news2_partial", "sirs_partial", "qsofa_partial"]
     names += ["n_measured", f"n_measured_{WINDOW}h", "n_keys_ever", "hours_since_first"]
+    names += list(STATIC_KEYS) + ["icu_hours"]
     return names
 
 
@@ -47,8 +62,58 @@ def _last_index(measured: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(np.where(measured, rows, -1), axis=0)
 
 
-def features_for_grid(grid: np.ndarray) -> np.ndarray:
-    """Feature matrix (rows x len(feature_names())), float64; row r depends on grid rows <= r only."""
+def _window_stats(vals: np.ndarray, width: int):
+    """Trailing-window (rows r-width+1..r) count, mean, min, max, std of each column, NaN-aware."""
+    pad = np.full((width - 1, vals.shape[1]), np.nan)
+    win = np.lib.stride_tricks.sliding_window_view(np.concatenate([pad, vals], axis=0), width, axis=0)
+    wmask = ~np.isnan(win)
+    cnt = wmask.sum(axis=2)
+    has = cnt > 0
+    w0 = np.where(wmask, win, 0.0)
+    mean = np.where(has, w0.sum(axis=2) / np.maximum(cnt, 1), np.nan)
+    wmin = np.where(has, np.where(wmask, win, np.inf).min(axis=2), np.nan)
+    wmax = np.where(has, np.where(wmask, win, -np.inf).max(axis=2), np.nan)
+    dev = np.where(wmask, win - np.where(has, mean, 0.0)[:, :, None], 0.0)
+    std = np.where(cnt >= 2, np.sqrt((dev * dev).sum(axis=2) / np.maximum(cnt, 1)), np.nan)
+    return cnt, mean, wmin, wmax, std
+
+
+def news2_from_last(last: dict[str, np.ndarray]) -> np.ndarray:
+    """NEWS2 (Royal College of Physicians 2017) from the last known values, consciousness unknown (0).
+
+    Respiration rate, SpO2 (scale 1), supplemental oxygen (FiO2 > 21 %, the catalogue unit), systolic BP, pulse,
+    temperature. A missing parameter scores 0 (the usual convention when it was not charted)."""
+    rr, spo2, sbp, hr, temp, fio2 = (last[k] for k in ("Resp", "O2Sat", "SBP", "HR", "Temp", "FiO2"))
+    with np.errstate(invalid="ignore"):
+        s = np.zeros(len(rr))
+        s += np.select([rr <= 8, rr <= 11, rr <= 20, rr <= 24, rr >= 25], [3, 1, 0, 2, 3], 0)
+        s += np.select([spo2 <= 91, spo2 <= 93, spo2 <= 95, spo2 >= 96], [3, 2, 1, 0], 0)
+        s += np.where(fio2 > 21.0, 2, 0)
+        s += np.select([sbp <= 90, sbp <= 100, sbp <= 110, sbp <= 219, sbp >= 220], [3, 2, 1, 0, 3], 0)
+        s += np.select([hr <= 40, hr <= 50, hr <= 90, hr <= 110, hr <= 130, hr >= 131], [3, 1, 0, 1, 2, 3], 0)
+        s += np.select([temp <= 35.0, temp <= 36.0, temp <= 38.0, temp <= 39.0, temp >= 39.1], [3, 1, 0, 1, 2], 0)
+    return s
+
+
+def sirs_from_last(last: dict[str, np.ndarray]) -> np.ndarray:
+    """SIRS criteria met (0-4): temperature, heart rate, respiration (rate or PaCO2), WBC."""
+    with np.errstate(invalid="ignore"):
+        return ((last["Temp"] > 38) | (last["Temp"] < 36)).astype(float) + (last["HR"] > 90) \
+            + ((last["Resp"] > 20) | (last["PaCO2"] < 32)) + ((last["WBC"] > 12) | (last["WBC"] < 4))
+
+
+def qsofa_from_last(last: dict[str, np.ndarray]) -> np.ndarray:
+    """qSOFA without mental status (not in the data): respiration >= 22, systolic BP <= 100 (0-2)."""
+    with np.errstate(invalid="ignore"):
+        return (last["Resp"] >= 22).astype(float) + (last["SBP"] <= 100)
+
+
+def features_for_grid(grid: np.ndarray, static: dict[str, float] | None = None,
+                      icu_hours: np.ndarray | None = None) -> np.ndarray:
+    """Feature matrix (rows x len(feature_names())), float64; row r depends on grid rows <= r only.
+
+    `static`: vigil.ehr.demographics() of the stay (missing keys are NaN); `icu_hours`: per row, hours
+    from ICU admission to the end of the row's interval (= ICULOS), NaN when unknown."""
     grid = np.asarray(grid, dtype=np.float64)
     if grid.ndim != 2 or grid.shape[1] != N_KEYS:
         raise ValueError(f"grid must be rows x {N_KEYS}, got {grid.shape}")
@@ -63,40 +128,55 @@ def features_for_grid(grid: np.ndarray) -> np.ndarray:
     cols = np.broadcast_to(np.arange(N_KEYS), grid.shape)
     last = np.where(seen, grid[np.maximum(last_idx, 0), cols], np.nan)
     since = np.where(seen, rows[:, None] - last_idx, NEVER_HOURS).astype(np.float64)
+    # The measurement before the last one: last index over rows strictly before last_idx.
+    prev_idx = np.where(seen, np.concatenate([np.full((1, N_KEYS), -1), last_idx[:-1]])[np.maximum(last_idx, 0), cols], -1)
+    prev = np.where(prev_idx >= 0, grid[np.maximum(prev_idx, 0), cols], np.nan)
+    counts = np.cumsum(measured, axis=0).astype(np.float64)
     out[:, :N_KEYS] = last
     out[:, N_KEYS:2 * N_KEYS] = since
-    j = 2 * N_KEYS
+    out[:, 2 * N_KEYS:3 * N_KEYS] = last - prev
+    out[:, 3 * N_KEYS:4 * N_KEYS] = counts
+    j = 4 * N_KEYS
 
-    # Trailing windows over rows r-WINDOW+1..r (padded with NaN above row 0).
     tidx = [KEY_INDEX[k] for k in TREND_KEYS]
-    pad = np.full((WINDOW - 1, len(tidx)), np.nan)
-    vals = np.concatenate([pad, grid[:, tidx]], axis=0)
-    win = np.lib.stride_tricks.sliding_window_view(vals, WINDOW, axis=0)  # n x T x WINDOW
-    wmask = ~np.isnan(win)
-    cnt = wmask.sum(axis=2)
-    has = cnt > 0
-    wsum = np.where(wmask, win, 0.0).sum(axis=2)
-    mean = np.where(has, wsum / np.maximum(cnt, 1), np.nan)
-    wmin = np.where(has, np.where(wmask, win, np.inf).min(axis=2), np.nan)
-    wmax = np.where(has, np.where(wmask, win, -np.inf).max(axis=2), np.nan)
+    _, mean, wmin, wmax, std = _window_stats(grid[:, tidx], WINDOW)
     tlast = last[:, tidx]
     delta = np.full_like(tlast, np.nan)
     if n > WINDOW:
         delta[WINDOW:] = tlast[WINDOW:] - tlast[:-WINDOW]
     for t in range(len(tidx)):
-        out[:, j] = delta[:, t]
-        out[:, j + 1] = mean[:, t]
-        out[:, j + 2] = wmin[:, t]
-        out[:, j + 3] = wmax[:, t]
-        j += 4
+        out[:, j:j + 5] = np.stack([delta[:, t], mean[:, t], wmin[:, t], wmax[:, t], std[:, t]], axis=1)
+        j += 5
+    lidx = [KEY_INDEX[k] for k in LONG_KEYS]
+    _, mean, wmin, wmax, _ = _window_stats(grid[:, lidx], LONG_WINDOW)
+    for t in range(len(lidx)):
+        out[:, j:j + 3] = np.stack([mean[:, t], wmin[:, t], wmax[:, t]], axis=1)
+        j += 3
+
+    lv = {k: last[:, KEY_INDEX[k]] for k in KEYS}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[:, j] = lv["HR"] / lv["SBP"]
+        out[:, j + 1] = lv["BUN"] / lv["Creatinine"]
+    out[:, j + 2] = news2_from_last(lv)
+    out[:, j + 3] = sirs_from_last(lv)
+    out[:, j + 4] = qsofa_from_last(lv)
+    j += 5
 
     per_row = measured.sum(axis=1).astype(np.float64)
     out[:, j] = per_row
     c = np.cumsum(per_row)
-    prev = np.concatenate([np.zeros(WINDOW), c[:-WINDOW]]) if n > WINDOW else np.zeros(n)
-    out[:, j + 1] = c - prev[:n]
+    prev_c = np.concatenate([np.zeros(WINDOW), c[:-WINDOW]]) if n > WINDOW else np.zeros(n)
+    out[:, j + 1] = c - prev_c[:n]
     out[:, j + 2] = seen.sum(axis=1)
     out[:, j + 3] = rows
+    j += 4
+    static = static or {}
+    for k in STATIC_KEYS:
+        out[:, j] = float(static.get(k, np.nan))
+        j += 1
+    out[:, j] = np.nan if icu_hours is None else np.asarray(icu_hours, dtype=np.float64)
+    j += 1
+    assert j == N_FEATURES
     return out
 
 
@@ -146,6 +226,27 @@ def grid_from_stay(stay: physionet.Stay) -> tuple[np.ndarray, np.ndarray]:
     return grid, stay.labels[first:].copy()
 
 
+def stay_static(stay: physionet.Stay, t0: dt.datetime | None = None) -> dict[str, float]:
+    """vigil.ehr.demographics() over the Patient and Encounters the EHR writes for this stay (T0 =
+    timecontract.DEFAULT_T0): exactly the values the worker reads back online."""
+    from vigil import ehr, timecontract
+
+    t0 = t0 or timecontract.DEFAULT_T0
+    patient = ehr.patient_from_stay(stay, t0)
+    hospital, icu = ehr.encounters_from_stay(stay, t0, f"Patient/{stay.stem}")
+    return ehr.demographics(patient, icu, hospital)
+
+
+def stay_features(stay: physionet.Stay) -> tuple[np.ndarray, np.ndarray, int]:
+    """(features, labels, dropped leading rows) of a stay, offline, as the worker computes them online:
+    grid from `grid_from_stay`, demographics from `stay_static`, ICU hours = ICULOS (the end of the
+    row's interval minus the ICU admission, in hours)."""
+    grid, labels = grid_from_stay(stay)
+    dropped = len(stay.labels) - len(labels)
+    x = features_for_grid(grid, stay_static(stay), stay.iculos[dropped:].astype(np.float64))
+    return x, labels, dropped
+
+
 # --- online ------------------------------------------------------------------------------------
 
 
@@ -166,6 +267,7 @@ class PatientState:
 
     cells: dict[tuple[int, int], _Cell] = field(default_factory=dict)
     observation_ids: dict[str, int] = field(default_factory=dict)  # id -> interval index
+    static: dict[str, float] = field(default_factory=dict)  # vigil.ehr.demographics(); {} = not known yet
 
     def add(self, interval_index: int, key: str, value: float, effective_epoch: float,
             observation_id: str) -> bool:
@@ -201,14 +303,20 @@ class PatientState:
         n_seen = sum(1 for i in self.observation_ids.values() if i <= upto_interval)
         return [oid for _, oid in used[-cap:]], n_seen
 
-    def features(self, intervals: Iterable[int]) -> dict[int, np.ndarray]:
+    def icu_hours(self, first: int, n: int, interval_seconds: int = 3600) -> np.ndarray:
+        """Per grid row: (end of the row's interval - ICU admission) in hours; NaN when not known."""
+        admit = self.static.get("icu_admit_epoch", np.nan)
+        ends = (np.arange(first, first + n, dtype=np.float64) + 1) * interval_seconds
+        return (ends - admit) / 3600.0
+
+    def features(self, intervals: Iterable[int], interval_seconds: int = 3600) -> dict[int, np.ndarray]:
         """Feature row per requested interval (each from data with interval index <= it only)."""
         wanted = sorted(set(intervals))
         first = self.first_interval
         if not wanted or first is None:
             return {}
         g, first = self.grid(wanted[-1])
-        feats = features_for_grid(g)
+        feats = features_for_grid(g, self.static, self.icu_hours(first, len(g), interval_seconds))
         return {i: feats[i - first] for i in wanted if i >= first}
 
 

@@ -12,7 +12,9 @@ https://hl7.org/fhir/R4/riskassessment.html
 - basis: references to the Observations whose values the features used (the latest `BASIS_CAP`).
 - prediction[0]: outcome sepsis (SNOMED CT 91302008), probabilityDecimal in [0, 1] and qualitativeRisk
   high/low (http://terminology.hl7.org/CodeSystem/risk-probability), high exactly when
-  probability >= the model's alert threshold. Note: R4's invariant ras-2 only bounds probabilityDecimal
+  probability >= the model's alert threshold. prediction[0].rationale (optional): the top contributing
+  features as text, and the same as a structured extension (CONTRIBUTION_EXTENSION: one `feature`
+  sub-extension per feature with name, value and SHAP contribution in log-odds). Note: R4's invariant ras-2 only bounds probabilityDecimal
   by 100 (it reads as a percentage there); Vigil always uses the fraction in [0, 1].
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 MODEL_SYSTEM = f"{codes.VIGIL_BASE}/CodeSystem/model"
 MODEL_IDENTIFIER_SYSTEM = f"{codes.VIGIL_BASE}/NamingSystem/model"
 QUALITATIVE = {"high": "High likelihood", "low": "Low likelihood"}
+CONTRIBUTION_EXTENSION = f"{codes.VIGIL_BASE}/StructureDefinition/feature-contribution"
 
 
 def model_device_id(model_name: str) -> str:
@@ -42,7 +45,9 @@ def qualitative_risk(probability: float, threshold: float) -> str:
 
 def build_risk_assessment(
     *, patient_id: str, model_name: str, model_version: str, interval_start: int, interval_end: int,
-    probability: float, threshold: float, basis: list[str],
+    probability: float, threshold: float, basis: list[str], rationale: str | None = None,
+    contributions: list[tuple[str, float, float]] | None = None, outcome_text: str = "Sepsis",
+    outcome_coding: list[dict] | None = None,
 ) -> dict:
     """RiskAssessment dict; `basis` are Observation ids (oldest first; the last BASIS_CAP are kept)."""
     if not (0.0 <= probability <= 1.0) or math.isnan(probability):
@@ -64,7 +69,8 @@ def build_risk_assessment(
             "display": f"{model_name} {model_version}",
         },
         "prediction": [{
-            "outcome": {"coding": [dict(codes.SEPSIS)], "text": "Sepsis"},
+            "outcome": {"coding": [dict(codes.SEPSIS)] if outcome_coding is None else outcome_coding,
+                        "text": outcome_text},
             "probabilityDecimal": float(probability),
             "qualitativeRisk": {
                 "coding": [{"system": RISK_PROBABILITY, "code": risk, "display": QUALITATIVE[risk]}],
@@ -72,6 +78,18 @@ def build_risk_assessment(
             },
         }],
     }
+    pred = ra["prediction"][0]
+    if contributions:
+        pred["extension"] = [{"url": CONTRIBUTION_EXTENSION, "extension": [
+            {"url": "feature", "valueString": name},
+            *([{"url": "value", "valueDecimal": float(value)}] if not math.isnan(value) else []),
+            {"url": "contribution", "valueDecimal": round(float(contrib), 6)},
+        ]} for name, value, contrib in contributions]
+        if rationale is None:
+            rationale = "Top contributing features (SHAP, log-odds): " + "; ".join(
+                f"{n} {c:+.3f}" + (f" (value {v:.4g})" if not math.isnan(v) else " (missing)") for n, v, c in contributions)
+    if rationale:
+        pred["rationale"] = rationale
     if basis:
         ra["basis"] = [{"reference": f"Observation/{oid}"} for oid in basis[-BASIS_CAP:]]
     return ra

@@ -5,6 +5,7 @@ Serve: `bentoml serve vigil_inference.service:SepsisRisk --host 127.0.0.1 --port
 
 HTTP contract (BentoML's JSON encoding of the API's arguments):
   POST /predict   {"features": [[f0, f1, ...], ...]}  -> [p0, p1, ...]   (JSON list of probabilities)
+  POST /predict_explain {"features": ...} -> [[p, i1, c1, ..., i5, c5], ...]  (top-5 SHAP contributions)
   POST /metadata  {}                                  -> {"name", "version", "threshold", ...}
   GET  /readyz    200 once the model is loaded.
 Missing feature values (NaN) travel as JSON null and become NaN again in the service, which is what
@@ -34,6 +35,10 @@ class SepsisRisk:
     def __init__(self) -> None:
         self.model = load_model(os.environ.get("VIGIL_MODEL_TAG", f"{MODEL_NAME}:latest"))
 
+    def __is_ready__(self) -> bool:
+        """/readyz is 200 only once the model is loaded (BentoML's readiness hook)."""
+        return getattr(self, "model", None) is not None
+
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Sepsis probability per feature row (rows x len(feature_names))."""
@@ -42,6 +47,15 @@ class SepsisRisk:
             raise bentoml.exceptions.InvalidArgument(
                 f"features must be rows x {len(self.model.feature_names)}, got {x.shape}")
         return self.model.predict(x)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict_explain(self, features: np.ndarray) -> np.ndarray:
+        """rows x (1 + 2 TOP_K): probability, then (feature index, SHAP contribution) pairs."""
+        x = _to_matrix(features)
+        if x.ndim != 2 or x.shape[1] != len(self.model.feature_names):
+            raise bentoml.exceptions.InvalidArgument(
+                f"features must be rows x {len(self.model.feature_names)}, got {x.shape}")
+        return self.model.predict_explain(x)
 
     @bentoml.api
     def metadata(self) -> dict:

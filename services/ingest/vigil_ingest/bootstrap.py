@@ -5,6 +5,7 @@ Nothing here runs at import time; `start()` does the I/O and `run()` serves unti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -14,7 +15,8 @@ from grpc_health.v1 import health_pb2
 from vigil import bus
 from vigil.settings import Settings
 from vigil_ingest.publisher import JetStreamPublisher, Publisher
-from vigil_ingest.server import SERVICE_NAME, IngestServicer, build_server
+from vigil_ingest.registry import KVStore, MemoryStore, Registry
+from vigil_ingest.server import DEVICE_SERVICE_NAME, SERVICE_NAME, IngestServicer, build_server
 
 log = logging.getLogger("vigil.ingest")
 
@@ -41,6 +43,7 @@ class IngestServer:
         status = SERVING if serving else NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
+        await self.health.set(DEVICE_SERVICE_NAME, status)
 
     async def stop(self, grace: float = 5) -> None:
         """Stop taking new RPCs, let in-flight batches finish (up to `grace` s), then close NATS."""
@@ -49,16 +52,35 @@ class IngestServer:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.servicer.registry.stop()
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.drain(), timeout=max(grace, 1))
             except Exception:  # noqa: BLE001 - closing anyway
-                await self.nc.close()
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS when VIGIL_GRPC_TLS_CERT/KEY are set; with VIGIL_GRPC_TLS_CLIENT_CA, client certificates
+    (mTLS) are required."""
+    if not settings.grpc_tls_cert:
+        return None
+    with open(settings.grpc_tls_cert, "rb") as f:
+        cert = f.read()
+    with open(settings.grpc_tls_key, "rb") as f:
+        key = f.read()
+    ca = None
+    if settings.grpc_tls_client_ca:
+        with open(settings.grpc_tls_client_ca, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def start(settings: Settings, *, publisher: Publisher | None = None,
                 stream_window: int = 64, max_inflight: int = 4096, max_inflight_bytes: int = 256 << 20,
-                publish_timeout: float = 5.0) -> IngestServer:
+                publish_timeout: float = 5.0, registry: Registry | None = None,
+                validator=None) -> IngestServer:
     """Connect to NATS (unless `publisher` is given), ensure the streams, and start serving.
 
     Health is SERVING once NATS is connected (or at once with an injected publisher) and turns
@@ -92,19 +114,38 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
         js = nc.jetstream(publish_async_max_pending=max_inflight)
         await bus.ensure_streams(js, replicas=settings.stream_replicas)
         publisher = JetStreamPublisher(js, timeout=publish_timeout)
+        if registry is None:
+            async def emit(subject: str, body: bytes, msg_id: str) -> None:
+                await js.publish(subject, body, headers={bus.MSG_ID: msg_id}, stream=bus.EHR_STREAM,
+                                 timeout=publish_timeout)
+            registry = Registry(await KVStore.open(js, replicas=settings.stream_replicas), emit=emit)
+    if registry is None:
+        registry = Registry(MemoryStore())
+    await registry.start()
 
+    interceptors = []
+    if settings.auth_enabled:
+        from vigil.tokens import TokenValidator
+        from vigil_ingest.auth import AuthInterceptor
+
+        interceptors.append(AuthInterceptor(validator or TokenValidator(settings.oidc_issuer,
+                                                                        settings.ingest_audience)))
     servicer = IngestServicer(publisher, stream_window=stream_window, max_inflight=max_inflight,
                               max_inflight_bytes=max_inflight_bytes,
-                              publish_timeout=publish_timeout)
-    server, health_servicer = build_server(servicer)
-    port = server.add_insecure_port(settings.grpc_listen)
+                              publish_timeout=publish_timeout, registry=registry)
+    server, health_servicer = build_server(servicer, interceptors=interceptors)
+    creds = server_credentials(settings)
+    port = (server.add_secure_port(settings.grpc_listen, creds) if creds is not None
+            else server.add_insecure_port(settings.grpc_listen))
     if port == 0:
         raise RuntimeError(f"could not bind gRPC listen address {settings.grpc_listen}")
     await server.start()
     srv = IngestServer(server=server, port=port, health=health_servicer, servicer=servicer, nc=nc)
     holder["srv"] = srv
     await srv.set_serving(nc is None or nc.is_connected)
-    log.info("vigil ingest listening on %s (port %d)", settings.grpc_listen, port)
+    log.info("vigil ingest listening on %s (port %d, %s, auth %s)", settings.grpc_listen, port,
+             "mTLS" if settings.grpc_tls_client_ca else "TLS" if creds else "plaintext",
+             "on" if settings.auth_enabled else "OFF")
     return srv
 
 

@@ -29,6 +29,9 @@ def add_commands(subparsers) -> None:
     r.add_argument("--speed", type=float, default=0.0, help="0 = as fast as possible, N = N x real time")
     r.add_argument("--token", default=None, help="bearer token (default $VIGIL_DEVICE_TOKEN)")
     r.add_argument("--concurrency", type=int, default=256, help="stays replayed at once (default %(default)s)")
+    r.add_argument("--fhir-base", default=None,
+                   help="FHIR base URL: first PUT each stay's Patient and Encounters there (e.g. http://127.0.0.1:8080/fhir)")
+    r.add_argument("--fhir-token", default=None, help="bearer token for --fhir-base (default $VIGIL_FHIR_TOKEN)")
     r.set_defaults(func=cmd_replay)
 
 
@@ -66,7 +69,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     stats = asyncio.run(replay(args.path, target=args.target, limit=args.limit,
                                start=args.start or timecontract.DEFAULT_T0, speed=args.speed, token=token,
-                               progress=progress, concurrency=args.concurrency))
+                               progress=progress, concurrency=args.concurrency, fhir_base=args.fhir_base,
+                               fhir_token=args.fhir_token or os.environ.get("VIGIL_FHIR_TOKEN") or None))
     print(file=sys.stderr)
     print(f"replayed {stats.stays} stays: {stats.batches} batches, {stats.readings} readings "
           f"({stats.duplicates} duplicate batches) in {stats.seconds:.1f}s "

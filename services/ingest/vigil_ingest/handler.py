@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vigil import bus
 from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import ingest_pb2
-from vigil.observation import Violation, map_batch
+from vigil.observation import Violation, format_instant, map_batch
 from vigil_ingest.publisher import Publisher
 
 
@@ -26,6 +26,64 @@ class BatchRejected(Exception):
         super().__init__(where + "; ".join(f"{v.field}: {v.description}" for v in self.violations))
 
 
+class BindingRefused(Exception):
+    """The device is not registered, or no binding covers some readings: FAILED_PRECONDITION with
+    google.rpc.PreconditionFailure (`violations` are (type, subject, description))."""
+
+    def __init__(self, violations: list[tuple[str, str, str]], *, batch_index: int | None = None):
+        self.violations = list(violations)
+        self.batch_index = batch_index
+        where = "" if batch_index is None else f"batches[{batch_index}]: "
+        super().__init__(where + "; ".join(f"{s}: {d}" for _t, s, d in self.violations))
+
+
+def resolve_patient(batch: ingest_pb2.ReadingBatch, record, *, batch_index: int | None = None) -> str:
+    """The patient of the batch from the device's bindings (`record`: registry.DeviceRecord or None).
+
+    Every reading must fall in a binding, all to the same patient, and batch.patient_id (if set)
+    must name that patient. Raises BindingRefused or BatchRejected.
+    """
+    device_id = batch.device_id
+    if record is None:
+        raise BindingRefused([("REGISTRATION", f"devices/{device_id}",
+                               f"device {device_id!r} is not registered (DeviceService.RegisterDevice)")],
+                             batch_index=batch_index)
+    missing: list[tuple[str, str, str]] = []
+    mixed: list[Violation] = []
+    patient = None
+    bindings = record.bindings
+    single = bindings[0] if len(bindings) == 1 else None
+    for i, r in enumerate(batch.readings):
+        ts = r.effective_time
+        t = ts.seconds + ts.nanos * 1e-9
+        if t <= 0:
+            continue  # reported by map_batch as a missing effective_time
+        if single is not None and single[1] <= t and (single[2] is None or t < single[2]):
+            p = single[0]
+        else:
+            p = record.patient_at(t)
+        if p is None:
+            missing.append(("BINDING", f"readings[{i}]",
+                            (f"device {device_id!r} is bound to no patient at {format_instant(t)} "
+                             f"(DeviceService.BindPatient)")))
+        elif patient is None:
+            patient = p
+        elif p != patient:
+            mixed.append(Violation(f"readings[{i}].effective_time",
+                                   f"falls in the binding to patient {p}, readings[0..] are for {patient}; "
+                                   f"split batches where the binding changes"))
+    if missing:
+        raise BindingRefused(missing, batch_index=batch_index)
+    if patient is None:
+        return batch.patient_id  # no timed reading: map_batch refuses the batch anyway
+    if batch.patient_id and batch.patient_id != patient:
+        mixed.insert(0, Violation("patient_id", f"is {batch.patient_id!r} but device {device_id!r} is bound to "
+                                                f"patient {patient!r} at the readings' time"))
+    if mixed:
+        raise BatchRejected(mixed, batch_index=batch_index)
+    return patient
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
     """A validated batch, ready to publish."""
@@ -37,6 +95,8 @@ class PreparedBatch:
     first_sequence: int
     last_sequence: int
     count: int
+    patient_id: str = ""
+    last_effective: float = 0.0
 
     def ack(self, duplicate: bool) -> ingest_pb2.BatchAck:
         return ingest_pb2.BatchAck(device_id=self.device_id, first_sequence=self.first_sequence,
@@ -44,34 +104,42 @@ class PreparedBatch:
                                    duplicate=duplicate)
 
 
-def reading_tuples(batch: ingest_pb2.ReadingBatch) -> list[tuple[int, str, str, float, str, float]]:
-    """(sequence, code, system, value, unit, effective epoch seconds); 0.0 when effective_time is unset."""
+def reading_tuples(batch: ingest_pb2.ReadingBatch) -> list[tuple]:
+    """(sequence, code, system, value, unit, effective epoch seconds[, components]); effective 0.0 when
+    unset; components (code, system, value, unit) tuples only for panel readings."""
     out = []
     for r in batch.readings:
-        if r.HasField("effective_time"):
-            ts = r.effective_time
-            eff = ts.seconds + ts.nanos / 1e9
+        ts = r.effective_time  # unset -> 0, 0
+        eff = ts.seconds + ts.nanos / 1e9 if ts.nanos else float(ts.seconds)
+        if r.components:
+            out.append((r.sequence, r.code, r.system, r.value, r.unit, eff,
+                        tuple((c.code, c.system, c.value, c.unit) for c in r.components)))
         else:
-            eff = 0.0
-        out.append((r.sequence, r.code, r.system, r.value, r.unit, eff))
+            out.append((r.sequence, r.code, r.system, r.value, r.unit, eff))
     return out
 
 
 def prepare_batch(batch: ingest_pb2.ReadingBatch, catalogue: Catalogue | None = None,
-                  *, batch_index: int | None = None) -> PreparedBatch:
-    """Validate and encode; raises BatchRejected. Pure: no I/O."""
+                  *, batch_index: int | None = None, patient_id: str | None = None) -> PreparedBatch:
+    """Validate and encode; raises BatchRejected. Pure: no I/O.
+
+    `patient_id` is the patient resolved from the device's binding (resolve_patient); None means
+    batch.patient_id (no registry: unit tests of the mapping only).
+    """
     catalogue = catalogue or load_catalogue()
+    patient = batch.patient_id if patient_id is None else patient_id
     readings = reading_tuples(batch)
-    observations, violations = map_batch(catalogue, batch.device_id, batch.patient_id, readings)
+    observations, violations = map_batch(catalogue, batch.device_id, patient, readings)
     if violations:
         raise BatchRejected(violations, batch_index=batch_index)
     seqs = [r[0] for r in readings]
     first, last = min(seqs), max(seqs)
     return PreparedBatch(
-        subject=bus.observation_subject(batch.patient_id),
+        subject=bus.observation_subject(patient),
         body=bus.encode_bundle(observations),
         msg_id=bus.batch_msg_id(batch.device_id, seqs),
         device_id=batch.device_id, first_sequence=first, last_sequence=last, count=len(readings),
+        patient_id=patient, last_effective=max(r[5] for r in readings),
     )
 
 

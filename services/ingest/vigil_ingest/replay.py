@@ -5,6 +5,10 @@ Reading per non-missing measurement column, effective at T0 + (k-1) h (vigil.tim
 numbers are deterministic (row_index * 64 + column_index), so replaying again is idempotent: the bus
 de-duplicates and acks say duplicate=True.
 
+Like a real device gateway, replay first registers each device and binds it to its patient from T0
+(DeviceService); with `fhir_base`, it first writes each stay's Patient and its hospital and ICU
+Encounters to the FHIR gateway (PUT, update-as-create), built by vigil/ehr.py.
+
 Stays are replayed `concurrency` at a time, their rows merged in event-time order (all stays share T0,
 so the pipeline sees an ICU where these patients were admitted together; a stay that ends is replaced
 by the next one, which starts again at T0). Batches are pipelined on `streams` long-lived
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vigil import codes, physionet, timecontract
+from vigil import codes, ehr, physionet, timecontract
 from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import ingest_pb2
 from vigil_ingest.client import IngestClient
@@ -96,33 +100,99 @@ def stay_batches(stay: physionet.Stay, t0_epoch: float, cols: list[ColumnCode], 
     return out
 
 
+def ehr_resources(stay: physionet.Stay, t0: dt.datetime, *, id_prefix: str = "") -> list[tuple[str, dict]]:
+    """(path, resource) to PUT for a stay: Patient/<stem>, Encounter/<stem>-hospital, Encounter/<stem>-icu."""
+    pid = f"{id_prefix}{stay.stem}"
+    patient = {**ehr.patient_from_stay(stay, t0), "id": pid}
+    hospital, icu = ehr.encounters_from_stay(stay, t0, f"Patient/{pid}")
+    hospital = {**hospital, "id": f"{pid}-hospital"}
+    icu = {**icu, "id": f"{pid}-icu", "partOf": {"reference": f"Encounter/{pid}-hospital"}}
+    return [(f"Patient/{pid}", patient), (f"Encounter/{pid}-hospital", hospital), (f"Encounter/{pid}-icu", icu)]
+
+
+class FhirWriter:
+    """PUTs the EHR side of a stay through the FHIR REST API (application/fhir+json, Bearer token)."""
+
+    def __init__(self, base: str, token: str | None = None, *, timeout: float = 30.0):
+        import httpx
+
+        headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.base = base.rstrip("/")
+        self.http = httpx.AsyncClient(headers=headers, timeout=timeout)
+
+    async def write_stay(self, stay: physionet.Stay, t0: dt.datetime, *, id_prefix: str = "") -> None:
+        import orjson
+
+        for path, resource in ehr_resources(stay, t0, id_prefix=id_prefix):
+            r = await self.http.put(f"{self.base}/{path}", content=orjson.dumps(resource))
+            if r.status_code >= 300:
+                raise RuntimeError(f"PUT {self.base}/{path}: HTTP {r.status_code}: {r.text[:500]}")
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def default_credentials(env: dict | None = None) -> tuple[str | None, Callable[[], object] | None]:
+    """(token, token_provider) from the environment when the caller gave none: VIGIL_DEVICE_TOKEN, or
+    client credentials VIGIL_DEVICE_CLIENT_SECRET (+ VIGIL_DEVICE_CLIENT_ID, default vigil-device-demo)
+    at VIGIL_OIDC_ISSUER. (None, None) otherwise: right when ingest runs with auth off."""
+    import os
+
+    from vigil_ingest.client import ClientCredentials
+
+    env = os.environ if env is None else env
+    if env.get("VIGIL_DEVICE_TOKEN"):
+        return env["VIGIL_DEVICE_TOKEN"], None
+    if env.get("VIGIL_DEVICE_CLIENT_SECRET") and env.get("VIGIL_OIDC_ISSUER"):
+        return None, ClientCredentials.for_issuer(env["VIGIL_OIDC_ISSUER"],
+                                                  env.get("VIGIL_DEVICE_CLIENT_ID", "vigil-device-demo"),
+                                                  env["VIGIL_DEVICE_CLIENT_SECRET"])
+    return None, None
+
+
 async def replay(path: str | pathlib.Path, *, target: str, limit: int | None = None,
                  start: dt.datetime = timecontract.DEFAULT_T0, speed: float = 0.0, token: str | None = None,
                  progress: Callable[[ReplayStats], None] | None = None, concurrency: int = 256,
-                 streams: int = 4, window: int = 64, id_prefix: str = "") -> ReplayStats:
+                 streams: int = 4, window: int = 64, id_prefix: str = "", fhir_base: str | None = None,
+                 fhir_token: str | None = None, token_provider: Callable[[], object] | None = None
+                 ) -> ReplayStats:
     """Replay stays from a folder or .tar.gz of .psv files; returns counts and elapsed seconds.
 
     speed 0 = as fast as the pipeline acknowledges; otherwise N x real time in event time.
-    `id_prefix` is prepended to device and patient ids (isolated test runs).
+    `id_prefix` is prepended to device and patient ids (isolated test runs). Each stay's device is
+    registered and bound to its patient from T0 before its readings are sent; with `fhir_base`
+    (and `fhir_token`) its Patient and Encounters are written there first.
     """
     if start.tzinfo is None:
         raise ValueError("start must be timezone-aware")
     t0 = start.timestamp()
+    if token is None and token_provider is None:
+        token, token_provider = default_credentials()
     cols = column_codes()
     stats = ReplayStats()
-    clients = [IngestClient(target, token=token, window=window) for _ in range(max(1, streams))]
+    clients = [IngestClient(target, token=token, window=window, token_provider=token_provider)
+               for _ in range(max(1, streams))]
+    fhir = FhirWriter(fhir_base, fhir_token) if fhir_base else None
     stays = physionet.iter_stays(path, limit)
     heap: list = []  # (effective, order, stay_no, batch_index)
     active: dict[int, list] = {}
     order = 0
     stay_no = 0
 
-    def admit() -> bool:
+    async def admit() -> bool:
         nonlocal stay_no, order
         try:
             stay = next(stays)
         except StopIteration:
             return False
+        if fhir is not None:
+            await fhir.write_stay(stay, start, id_prefix=id_prefix)
+        device_id = f"{id_prefix}bedside-{stay.stem}"
+        await clients[0].register_device(device_id, manufacturer="PhysioNet replay", model="vigil replay",
+                                         display_name=f"Bedside monitor of stay {stay.stem}")
+        await clients[0].bind_patient(device_id, f"{id_prefix}{stay.stem}", t0)
         batches = stay_batches(stay, t0, cols, id_prefix=id_prefix)
         stats.stays += 1
         if batches:
@@ -132,8 +202,15 @@ async def replay(path: str | pathlib.Path, *, target: str, limit: int | None = N
         stay_no += 1
         return True
 
-    while len(active) < concurrency and admit():
-        pass
+    try:
+        while len(active) < concurrency and await admit():
+            pass
+    except BaseException:
+        for c in clients:
+            await c.close()
+        if fhir is not None:
+            await fhir.close()
+        raise
 
     wall0 = time.monotonic()
     inflight: set[asyncio.Future] = set()
@@ -168,7 +245,7 @@ async def replay(path: str | pathlib.Path, *, target: str, limit: int | None = N
                 order += 1
             else:
                 del active[sno]
-                admit()
+                await admit()
             if progress is not None and stats.batches % 1000 == 0:
                 stats.seconds = time.monotonic() - wall0
                 progress(stats)
@@ -182,6 +259,8 @@ async def replay(path: str | pathlib.Path, *, target: str, limit: int | None = N
     finally:
         for c in clients:
             await c.close()
+        if fhir is not None:
+            await fhir.close()
     stats.seconds = time.monotonic() - wall0
     if progress is not None:
         progress(stats)

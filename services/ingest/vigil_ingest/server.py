@@ -13,20 +13,39 @@ import contextlib
 import logging
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from vigil.catalogue import Catalogue, load_catalogue
-from vigil.device.v1 import ingest_pb2, ingest_pb2_grpc
+from vigil.device.v1 import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from vigil.ids import is_fhir_id
 from vigil.observation import Violation
-from vigil_ingest.handler import BatchRejected, PreparedBatch, prepare_batch, publish_prepared
+from vigil_ingest import auth
+from vigil_ingest.handler import (
+    BatchRejected,
+    BindingRefused,
+    PreparedBatch,
+    prepare_batch,
+    publish_prepared,
+    resolve_patient,
+)
 from vigil_ingest.publisher import Publisher, PublishUnavailable
+from vigil_ingest.registry import (
+    DeviceRecord,
+    MemoryStore,
+    NotOwner,
+    Registry,
+    RegistryError,
+    RegistryUnavailable,
+)
 
 log = logging.getLogger("vigil.ingest")
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 _END = object()
 
 
@@ -41,6 +60,52 @@ def bad_request_status(err: BatchRejected, *, acked: int | None = None) -> statu
         msg += f" ({acked} earlier batch(es) on this stream were acknowledged and stay durable)"
     st = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=msg)
     st.details.add().Pack(detail)
+    return st
+
+
+def precondition_status(err: BindingRefused, *, acked: int | None = None) -> status_pb2.Status:
+    """FAILED_PRECONDITION with google.rpc.PreconditionFailure (REGISTRATION or BINDING per reading)."""
+    prefix = "" if err.batch_index is None else f"batches[{err.batch_index}]."
+    detail = error_details_pb2.PreconditionFailure(violations=[
+        error_details_pb2.PreconditionFailure.Violation(
+            type=t, subject=(prefix + s) if s.startswith("readings") else s, description=d)
+        for t, s, d in err.violations])
+    msg = f"batch refused: {err}"
+    if acked is not None:
+        msg += f" ({acked} earlier batch(es) on this stream were acknowledged and stay durable)"
+    st = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=msg)
+    st.details.add().Pack(detail)
+    return st
+
+
+def unavailable_status(message: str, retry_seconds: float = 1.0) -> status_pb2.Status:
+    st = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromMilliseconds(int(retry_seconds * 1000))
+    st.details.add().Pack(info)
+    return st
+
+
+def registry_error_status(err: RegistryError) -> status_pb2.Status:
+    if err.kind == "invalid":
+        st = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(err))
+        st.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=err.field, description=str(err))]))
+    elif err.kind == "not_found":
+        st = status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(err))
+        st.details.add().Pack(error_details_pb2.ResourceInfo(resource_type="vigil.device.v1.Device",
+                                                             resource_name=err.subject, description=str(err)))
+    elif err.kind == "permission":
+        st = status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=str(err))
+        st.details.add().Pack(error_details_pb2.ErrorInfo(reason="DEVICE_OF_OTHER_VENDOR", domain=auth.ERROR_DOMAIN,
+                                                          metadata={"device": err.subject}))
+    elif err.kind == "conflict":
+        st = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=str(err))
+        st.details.add().Pack(error_details_pb2.PreconditionFailure(violations=[
+            error_details_pb2.PreconditionFailure.Violation(type="BINDING", subject=err.subject,
+                                                             description=str(err))]))
+    else:
+        return unavailable_status(str(err))
     return st
 
 
@@ -69,8 +134,9 @@ class ByteBudget:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, publisher: Publisher, *, catalogue: Catalogue | None = None,
                  stream_window: int = 64, max_inflight: int = 4096, max_inflight_bytes: int = 256 << 20,
-                 publish_timeout: float = 5.0):
+                 publish_timeout: float = 5.0, registry: Registry | None = None):
         self.publisher = publisher
+        self.registry = registry if registry is not None else Registry(MemoryStore())
         self.catalogue = catalogue or load_catalogue()
         self.stream_window = stream_window
         self.publish_timeout = publish_timeout
@@ -91,19 +157,63 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             return self.publish_timeout
         return max(0.001, min(self.publish_timeout, remaining))
 
-    async def _publish(self, prepared: PreparedBatch, reserved: int, context) -> ingest_pb2.BatchAck:
+    async def _publish(self, prepared: PreparedBatch, reserved: int, context,
+                       status: ingest_pb2.DeviceStatus | None = None) -> ingest_pb2.BatchAck:
         try:
-            return await publish_prepared(prepared, self.publisher, timeout=self._timeout(context))
+            ack = await publish_prepared(prepared, self.publisher, timeout=self._timeout(context))
         finally:
             self._inflight.release()
             await self._bytes.release(reserved)
+        if not ack.duplicate:
+            self.registry.observe(
+                prepared.device_id, prepared.first_sequence, prepared.last_sequence, prepared.count,
+                prepared.last_effective,
+                status.battery_percent if status is not None and status.HasField("battery_percent") else None,
+                status.signal_quality if status is not None and status.HasField("signal_quality") else None)
+        return ack
+
+    async def _record(self, batch: ingest_pb2.ReadingBatch, vendor: str | None, *, refresh: bool = False
+                      ) -> DeviceRecord | None:
+        rec = await self.registry.lookup(batch.device_id, refresh=refresh) if batch.device_id else None
+        if rec is not None and vendor is not None and rec.vendor != vendor:
+            raise NotOwner(f"device {batch.device_id} belongs to another vendor", subject=f"devices/{batch.device_id}")
+        return rec
+
+    async def _prepare(self, batch: ingest_pb2.ReadingBatch, vendor: str | None,
+                       batch_index: int | None = None) -> PreparedBatch:
+        """Resolve the patient from the device's binding, then validate and map. Raises BatchRejected,
+        BindingRefused, NotOwner or RegistryUnavailable."""
+        if not is_fhir_id(batch.device_id):
+            raise BatchRejected([Violation("device_id", "must match [A-Za-z0-9-.]{1,64}")], batch_index=batch_index)
+        rec = await self._record(batch, vendor)
+        try:
+            patient = resolve_patient(batch, rec, batch_index=batch_index)
+        except BindingRefused:
+            # The cache may lag a binding made a moment ago on another replica: read the bucket once.
+            rec = await self._record(batch, vendor, refresh=True)
+            patient = resolve_patient(batch, rec, batch_index=batch_index)
+        return prepare_batch(batch, self.catalogue, batch_index=batch_index, patient_id=patient)
+
+    @staticmethod
+    async def _abort_refusal(context, err: Exception, acked: int | None = None):
+        if isinstance(err, BatchRejected):
+            await context.abort_with_status(rpc_status.to_status(bad_request_status(err, acked=acked)))
+        if isinstance(err, BindingRefused):
+            await context.abort_with_status(rpc_status.to_status(precondition_status(err, acked=acked)))
+        if isinstance(err, RegistryError):
+            await context.abort_with_status(rpc_status.to_status(registry_error_status(err)))
+        raise err
 
     async def _abort_unavailable(self, context, err: Exception):
         msg = f"batch not acknowledged, retry it: {err}"
         log.warning("ingest unavailable: %s", err)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, msg)
+        await context.abort_with_status(rpc_status.to_status(unavailable_status(msg)))
 
     async def StreamReadings(self, request_iterator, context):
+        denied = auth.require_scope()
+        if denied is not None:
+            await context.abort_with_status(denied)
+        vendor = auth.current_vendor()
         queue: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
 
@@ -111,13 +221,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             try:
                 async for req in request_iterator:
                     try:
-                        prepared = prepare_batch(req.batch, self.catalogue)
-                    except BatchRejected as e:
+                        prepared = await self._prepare(req.batch, vendor)
+                    except (BatchRejected, BindingRefused, RegistryError) as e:
                         await queue.put(e)
                         return
                     await window.acquire()
                     reserved = await self._reserve(prepared)
-                    await queue.put(asyncio.ensure_future(self._publish(prepared, reserved, context)))
+                    status = req.batch.device_status if req.batch.HasField("device_status") else None
+                    await queue.put(asyncio.ensure_future(self._publish(prepared, reserved, context, status)))
             except Exception as e:  # noqa: BLE001 - a broken request stream ends this RPC
                 await queue.put(e)
                 return
@@ -130,8 +241,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 item = await queue.get()
                 if item is _END:
                     return
-                if isinstance(item, BatchRejected):
-                    await context.abort_with_status(rpc_status.to_status(bad_request_status(item, acked=acked)))
+                if isinstance(item, RegistryUnavailable):
+                    await self._abort_unavailable(context, item)
+                if isinstance(item, (BatchRejected, BindingRefused, RegistryError)):
+                    await self._abort_refusal(context, item, acked)
                 if isinstance(item, BaseException):
                     raise item
                 try:
@@ -152,22 +265,36 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                         await item
 
     async def UploadReadings(self, request, context):
-        prepared, violations = [], []
+        denied = auth.require_scope()
+        if denied is not None:
+            await context.abort_with_status(denied)
+        vendor = auth.current_vendor()
+        prepared, violations, preconditions = [], [], []
         for i, batch in enumerate(request.batches):  # validate every batch before publishing any
             try:
-                prepared.append(prepare_batch(batch, self.catalogue, batch_index=i))
+                prepared.append(await self._prepare(batch, vendor, batch_index=i))
             except BatchRejected as e:
                 violations += [Violation(f"batches[{i}].{v.field}", v.description) for v in e.violations]
+            except BindingRefused as e:
+                preconditions += [(t, f"batches[{i}].{s}" if s.startswith("readings") else s, d)
+                                  for t, s, d in e.violations]
+            except RegistryUnavailable as e:
+                await self._abort_unavailable(context, e)
+            except RegistryError as e:
+                await self._abort_refusal(context, e)
         if not request.batches:
             violations.append(Violation("batches", "at least one batch is required"))
         if violations:
-            err = BatchRejected(violations)
-            await context.abort_with_status(rpc_status.to_status(bad_request_status(err)))
+            await self._abort_refusal(context, BatchRejected(violations))
+        if preconditions:
+            await self._abort_refusal(context, BindingRefused(preconditions))
 
-        async def one(p):
-            return await self._publish(p, await self._reserve(p), context)
+        async def one(p, b):
+            st = b.device_status if b.HasField("device_status") else None
+            return await self._publish(p, await self._reserve(p), context, st)
 
-        results = await asyncio.gather(*(one(p) for p in prepared), return_exceptions=True)
+        results = await asyncio.gather(*(one(p, b) for p, b in zip(prepared, request.batches)),
+                                       return_exceptions=True)
         for r in results:
             if isinstance(r, PublishUnavailable):
                 await self._abort_unavailable(context, r)
@@ -176,18 +303,104 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return ingest_pb2.UploadReadingsResponse(acks=results)
 
 
+def _ts(epoch: float | None) -> Timestamp | None:
+    if epoch is None:
+        return None
+    t = Timestamp()
+    secs = int(epoch // 1)
+    t.seconds, t.nanos = secs, round((epoch - secs) * 1e9)
+    return t
+
+
+def _epoch(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def device_message(rec: DeviceRecord) -> device_pb2.Device:
+    return device_pb2.Device(
+        device_id=rec.device_id, manufacturer=rec.manufacturer, model=rec.model, serial_number=rec.serial_number,
+        display_name=rec.display_name, vendor=rec.vendor, create_time=_ts(rec.created),
+        bindings=[device_pb2.Binding(patient_id=p, start_time=_ts(s), end_time=_ts(e)) for p, s, e in rec.bindings])
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    async def _run(self, context, coro, *, write: bool):
+        if write:
+            denied = auth.require_scope()
+            if denied is not None:
+                coro.close()
+                await context.abort_with_status(denied)
+        try:
+            return await coro
+        except RegistryError as e:
+            await context.abort_with_status(rpc_status.to_status(registry_error_status(e)))
+
+    async def RegisterDevice(self, request, context):
+        d = request.device
+        rec = await self._run(context, self.registry.register(
+            d.device_id, auth.current_vendor() or "", manufacturer=d.manufacturer, model=d.model,
+            serial_number=d.serial_number, display_name=d.display_name), write=True)
+        return device_pb2.RegisterDeviceResponse(device=device_message(rec))
+
+    async def GetDevice(self, request, context):
+        rec = await self._run(context, self.registry.get(request.device_id, auth.current_vendor()), write=False)
+        return device_pb2.GetDeviceResponse(device=device_message(rec))
+
+    async def BindPatient(self, request, context):
+        b = request.binding
+        rec = await self._run(context, self.registry.bind(
+            request.device_id, auth.current_vendor(), b.patient_id,
+            _epoch(b.start_time) if b.HasField("start_time") else 0.0,
+            _epoch(b.end_time) if b.HasField("end_time") else None), write=True)
+        return device_pb2.BindPatientResponse(device=device_message(rec))
+
+    async def UnbindPatient(self, request, context):
+        if not request.HasField("end_time"):
+            await context.abort_with_status(rpc_status.to_status(registry_error_status(
+                RegistryError("end_time is required", field="end_time"))))
+        rec = await self._run(context, self.registry.unbind(request.device_id, auth.current_vendor(),
+                                                            _epoch(request.end_time)), write=True)
+        return device_pb2.UnbindPatientResponse(device=device_message(rec))
+
+    async def GetDeviceHealth(self, request, context):
+        await self._run(context, self.registry.get(request.device_id, auth.current_vendor()), write=False)
+        h = await self.registry.health_of(request.device_id)
+        msg = device_pb2.DeviceHealth(device_id=request.device_id)
+        if h.get("last_seen"):
+            msg.last_seen_time.CopyFrom(_ts(h["last_seen"]))
+        if h.get("last_effective"):
+            msg.last_effective_time.CopyFrom(_ts(h["last_effective"]))
+        msg.batch_count = int(h.get("batches", 0))
+        msg.reading_count = int(h.get("readings", 0))
+        msg.sequence_gap_count = int(h.get("gaps", 0))
+        msg.missing_sequence_count = int(h.get("missing", 0))
+        msg.longest_silence_seconds = float(h.get("longest_silence", 0.0))
+        if h.get("battery_percent") is not None:
+            msg.battery_percent = h["battery_percent"]
+        if h.get("signal_quality") is not None:
+            msg.signal_quality = h["signal_quality"]
+        return device_pb2.GetDeviceHealthResponse(health=msg)
+
+
 def build_server(servicer: IngestServicer, *, max_concurrent_rpcs: int | None = 1024,
-                 options: list | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with IngestService, grpc.health.v1.Health and server reflection (not started)."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent_rpcs, options=options or [
+                 options: list | None = None, interceptors: list | None = None
+                 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with IngestService, DeviceService, grpc.health.v1.Health and server reflection
+    (not started)."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent_rpcs, interceptors=interceptors or None,
+                             options=options or [
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
     ])
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(servicer.registry), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server)
+        [SERVICE_NAME, DEVICE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
     return server, health_servicer

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvigil/device/v1/ingest.proto\x12\x0fvigil.device.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x07Reading\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x0cReadingBatch\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12*\n\x08readings\x18\x03 \x03(\x0b\x32\x18.vigil.device.v1.Reading\"v\n\x08\x42\x61tchAck\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x15\n\rreading_count\x18\x04 \x01(\r\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"E\n\x15StreamReadingsRequest\x12,\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1d.vigil.device.v1.ReadingBatch\"@\n\x16StreamReadingsResponse\x12&\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x19.vigil.device.v1.BatchAck\"G\n\x15UploadReadingsRequest\x12.\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1d.vigil.device.v1.ReadingBatch\"A\n\x16UploadReadingsResponse\x12\'\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x19.vigil.device.v1.BatchAck2\xd9\x01\n\rIngestService\x12\x65\n\x0eStreamReadings\x12&.vigil.device.v1.StreamReadingsRequest\x1a\'.vigil.device.v1.StreamReadingsResponse(\x01\x30\x01\x12\x61\n\x0eUploadReadings\x12&.vigil.device.v1.UploadReadingsRequest\x1a\'.vigil.device.v1.UploadReadingsResponseBV\n\x13org.vigil.device.v1P\x01Z=github.com/vigil-health/vigil/gen/go/vigil/device/v1;devicev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvigil/device/v1/ingest.proto\x12\x0fvigil.device.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\x01\n\x07Reading\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\ncomponents\x18\x07 \x03(\x0b\x32!.vigil.device.v1.ReadingComponent\"M\n\x10ReadingComponent\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06system\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0c\n\x04unit\x18\x04 \x01(\t\"p\n\x0c\x44\x65viceStatus\x12\x1c\n\x0f\x62\x61ttery_percent\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0esignal_quality\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_battery_percentB\x11\n\x0f_signal_quality\"\x97\x01\n\x0cReadingBatch\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12*\n\x08readings\x18\x03 \x03(\x0b\x32\x18.vigil.device.v1.Reading\x12\x34\n\rdevice_status\x18\x04 \x01(\x0b\x32\x1d.vigil.device.v1.DeviceStatus\"v\n\x08\x42\x61tchAck\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x15\n\rreading_count\x18\x04 \x01(\r\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"E\n\x15StreamReadingsRequest\x12,\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1d.vigil.device.v1.ReadingBatch\"@\n\x16StreamReadingsResponse\x12&\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x19.vigil.device.v1.BatchAck\"G\n\x15UploadReadingsRequest\x12.\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x1d.vigil.device.v1.ReadingBatch\"A\n\x16UploadReadingsResponse\x12\'\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x19.vigil.device.v1.BatchAck2\xd9\x01\n\rIngestService\x12\x65\n\x0eStreamReadings\x12&.vigil.device.v1.StreamReadingsRequest\x1a\'.vigil.device.v1.StreamReadingsResponse(\x01\x30\x01\x12\x61\n\x0eUploadReadings\x12&.vigil.device.v1.UploadReadingsRequest\x1a\'.vigil.device.v1.UploadReadingsResponseBV\n\x13org.vigil.device.v1P\x01Z=github.com/vigil-health/vigil/gen/go/vigil/device/v1;devicev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023org.vigil.device.v1P\001Z=github.com/vigil-health/vigil/gen/go/vigil/device/v1;devicev1'
   _globals['_READING']._serialized_start=83
-  _globals['_READING']._serialized_end=221
-  _globals['_READINGBATCH']._serialized_start=223
-  _globals['_READINGBATCH']._serialized_end=320
-  _globals['_BATCHACK']._serialized_start=322
-  _globals['_BATCHACK']._serialized_end=440
-  _globals['_STREAMREADINGSREQUEST']._serialized_start=442
-  _globals['_STREAMREADINGSREQUEST']._serialized_end=511
-  _globals['_STREAMREADINGSRESPONSE']._serialized_start=513
-  _globals['_STREAMREADINGSRESPONSE']._serialized_end=577
-  _globals['_UPLOADREADINGSREQUEST']._serialized_start=579
-  _globals['_UPLOADREADINGSREQUEST']._serialized_end=650
-  _globals['_UPLOADREADINGSRESPONSE']._serialized_start=652
-  _globals['_UPLOADREADINGSRESPONSE']._serialized_end=717
-  _globals['_INGESTSERVICE']._serialized_start=720
-  _globals['_INGESTSERVICE']._serialized_end=937
+  _globals['_READING']._serialized_end=276
+  _globals['_READINGCOMPONENT']._serialized_start=278
+  _globals['_READINGCOMPONENT']._serialized_end=355
+  _globals['_DEVICESTATUS']._serialized_start=357
+  _globals['_DEVICESTATUS']._serialized_end=469
+  _globals['_READINGBATCH']._serialized_start=472
+  _globals['_READINGBATCH']._serialized_end=623
+  _globals['_BATCHACK']._serialized_start=625
+  _globals['_BATCHACK']._serialized_end=743
+  _globals['_STREAMREADINGSREQUEST']._serialized_start=745
+  _globals['_STREAMREADINGSREQUEST']._serialized_end=814
+  _globals['_STREAMREADINGSRESPONSE']._serialized_start=816
+  _globals['_STREAMREADINGSRESPONSE']._serialized_end=880
+  _globals['_UPLOADREADINGSREQUEST']._serialized_start=882
+  _globals['_UPLOADREADINGSREQUEST']._serialized_end=953
+  _globals['_UPLOADREADINGSRESPONSE']._serialized_start=955
+  _globals['_UPLOADREADINGSRESPONSE']._serialized_end=1020
+  _globals['_INGESTSERVICE']._serialized_start=1023
+  _globals['_INGESTSERVICE']._serialized_end=1240
 # @@protoc_insertion_point(module_scope)
