@@ -18,3 +18,13 @@ command -v mvn >/dev/null || { echo "test-deps: installing Maven"; apt_install m
   apt_install openjdk-21-jdk-headless
 }
 bash scripts/install-keycloak.sh
+# Go tools the tests run (compiled once; Go's module and build caches make later runs fast):
+# buf lints protos/, grpcurl calls the ingest API by reflection, helm checks the chart.
+if command -v go >/dev/null; then
+  gobin="$(go env GOPATH)/bin"
+  [ -x "$gobin/buf" ] || { echo "test-deps: installing buf"; go install github.com/bufbuild/buf/cmd/buf@v1.47.2; }
+  [ -x "$gobin/grpcurl" ] || { echo "test-deps: installing grpcurl"; go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3; }
+  [ -x "$gobin/helm" ] || { echo "test-deps: installing helm"; go install helm.sh/helm/v3/cmd/helm@v3.22.0; }
+else
+  echo "test-deps: no Go toolchain: the buf, grpcurl and helm tests will skip" >&2
+fi
