@@ -17,6 +17,7 @@ from vigil import devservers
 def main() -> int:
     env_file = pathlib.Path(sys.argv[1])
     ehr, dev, other = secrets.token_hex(16), secrets.token_hex(16), secrets.token_hex(16)
+    kc_admin = secrets.token_hex(16)  # Keycloak bootstrap admin (tests register keys and users through it)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -28,7 +29,9 @@ def main() -> int:
         print("ci-servers: PostgreSQL", pg.url, flush=True)
         servers.append(kc := devservers.start_keycloak(
             env={"VIGIL_EHR_CLIENT_SECRET": ehr, "VIGIL_DEVICE_CLIENT_SECRET": dev,
-                 "VIGIL_DEVICE_OTHER_CLIENT_SECRET": other}))
+                 "VIGIL_DEVICE_OTHER_CLIENT_SECRET": other, "KC_BOOTSTRAP_ADMIN_USERNAME": "admin",
+                 "KC_BOOTSTRAP_ADMIN_PASSWORD": kc_admin},
+            extra_realm_files=(devservers.OTHER_REALM_FILE,)))
         print("ci-servers: Keycloak", kc.url, flush=True)
         tmp = env_file.with_suffix(".tmp")
         tmp.write_text(
@@ -37,7 +40,8 @@ def main() -> int:
             f"export VIGIL_TEST_KEYCLOAK_URL={kc.url}\n"
             f"export VIGIL_EHR_CLIENT_SECRET={ehr}\n"
             f"export VIGIL_DEVICE_CLIENT_SECRET={dev}\n"
-            f"export VIGIL_DEVICE_OTHER_CLIENT_SECRET={other}\n")
+            f"export VIGIL_DEVICE_OTHER_CLIENT_SECRET={other}\n"
+            f"export VIGIL_TEST_KEYCLOAK_ADMIN_PASSWORD={kc_admin}\n")
         tmp.rename(env_file)
         stop.wait()
     finally:

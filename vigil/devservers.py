@@ -23,6 +23,8 @@ import urllib.request
 KEYCLOAK_VERSION = "26.5.6"
 REPO = pathlib.Path(__file__).resolve().parent.parent
 REALM_FILE = REPO / "deploy" / "keycloak" / "vigil-realm.json"
+# A second realm ("other") for tests only: same client id and audience, another issuer (must be refused).
+OTHER_REALM_FILE = REPO / "tests" / "keycloak" / "other-realm.json"  # Keycloak wants <realm>-realm.json
 
 
 def free_port() -> int:
@@ -200,8 +202,12 @@ def keycloak_home() -> pathlib.Path:
 
 
 def start_keycloak(port: int | None = None, realm_file: pathlib.Path = REALM_FILE,
-                   env: dict[str, str] | None = None, timeout: float = 240) -> Server:
-    """`kc.sh start-dev --import-realm` from a private copy of the distribution; url is the base URL."""
+                   env: dict[str, str] | None = None, timeout: float = 240,
+                   extra_realm_files: tuple[pathlib.Path, ...] | list[pathlib.Path] = ()) -> Server:
+    """`kc.sh start-dev --import-realm` from a private copy of the distribution; url is the base URL.
+
+    `extra_realm_files` are imported as well (e.g. OTHER_REALM_FILE for the cross-realm attack test).
+    The bootstrap admin is KC_BOOTSTRAP_ADMIN_USERNAME/PASSWORD from `env` (random when not given)."""
     src = keycloak_home()
     if not (src / "bin" / "kc.sh").exists():
         raise FileNotFoundError(f"Keycloak not found at {src}: run scripts/install-keycloak.sh")
@@ -209,7 +215,8 @@ def start_keycloak(port: int | None = None, realm_file: pathlib.Path = REALM_FIL
     home = pathlib.Path(workdir.name) / "kc"
     shutil.copytree(src, home, symlinks=True, ignore=shutil.ignore_patterns("h2", "tmp"))
     (home / "data" / "import").mkdir(parents=True, exist_ok=True)
-    shutil.copy(realm_file, home / "data" / "import" / realm_file.name)
+    for f in (realm_file, *extra_realm_files):
+        shutil.copy(f, home / "data" / "import" / pathlib.Path(f).name)
     port = port or free_port()
     mgmt = free_port()
     log = pathlib.Path(workdir.name) / "keycloak.log"

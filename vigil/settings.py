@@ -21,6 +21,12 @@ class Settings:
     # OIDC issuer, e.g. http://127.0.0.1:8081/realms/vigil; empty = auth off (loopback only)
     oidc_issuer: str = ""
     oidc_audience: str = "vigil-fhir"
+    # Comma-separated OAuth client ids (the token's azp) allowed to call; empty = any client of the realm.
+    oidc_allowed_clients: str = ""
+    oidc_leeway_seconds: int = 30  # clock skew tolerated on exp/nbf/iat
+    # HTTPS for the gateway (PEM files); both set = TLS on.
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
     bentoml_url: str = "http://127.0.0.1:3000"
     model_name: str = "vigil-sepsis"
     score_interval_seconds: int = 3600
@@ -39,10 +45,19 @@ class Settings:
         return bool(self.oidc_issuer)
 
     @property
+    def allowed_clients(self) -> frozenset[str]:
+        return frozenset(c.strip() for c in self.oidc_allowed_clients.split(",") if c.strip())
+
+    @property
+    def http_tls(self) -> bool:
+        return bool(self.http_tls_cert and self.http_tls_key)
+
+    @property
     def fhir_base_url(self) -> str:
         if self.public_base_url:
             return self.public_base_url.rstrip("/")
-        return f"http://{self.http_host}:{self.http_port}{self.fhir_base_path}"
+        scheme = "https" if self.http_tls else "http"
+        return f"{scheme}://{self.http_host}:{self.http_port}{self.fhir_base_path}"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:

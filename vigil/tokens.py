@@ -9,7 +9,8 @@ Only asymmetric signature algorithms are accepted (RS*, PS*, ES*, EdDSA): never 
 (an HMAC "signed" with a public key is the classic algorithm-confusion attack). The token's `alg`
 must also match the key type (and the key's own `alg` when the JWKS states one). The issuer must
 match exactly, the audience is required, `exp` is required and `exp`/`nbf`/`iat` are checked with
-`leeway` seconds of clock skew.
+`leeway` seconds of clock skew. With `allowed_clients` (client ids), the token's authorized party
+(`azp`, else `client_id`) must be one of them (an azp allow-list: other clients of the realm are refused).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class TokenValidator:
     """Validates bearer JWTs for one issuer and audience; thread-safe, keys cached in memory."""
 
     def __init__(self, issuer: str, audience: str, leeway: float = 30, jwks_url: str | None = None, *,
-                 min_refetch_seconds: float = 10.0, http_timeout: float = 5.0):
+                 min_refetch_seconds: float = 10.0, http_timeout: float = 5.0,
+                 allowed_clients: frozenset[str] | set[str] | tuple[str, ...] = ()):
         if not issuer:
             raise ValueError("issuer is required")
         if not audience:
@@ -53,6 +55,7 @@ class TokenValidator:
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
+        self.allowed_clients = frozenset(allowed_clients)
         self._jwks_url = jwks_url
         self._min_refetch = min_refetch_seconds
         self._timeout = http_timeout
@@ -147,7 +150,7 @@ class TokenValidator:
         if key.key_type != _KTY_FOR_ALG[alg[:2]] or (key_alg is not None and key_alg != alg):
             raise TokenError(f"algorithm {alg!r} does not match the signing key")
         try:
-            return jwt.decode(
+            claims = jwt.decode(
                 token, key.key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
                 leeway=self.leeway,
                 options={"require": ["exp", "iss", "aud"], "verify_signature": True, "verify_exp": True,
@@ -167,6 +170,9 @@ class TokenValidator:
             raise TokenError("signature verification failed") from exc
         except jwt.PyJWTError as exc:
             raise TokenError(f"invalid token: {exc.__class__.__name__}") from exc
+        if self.allowed_clients and (claims.get("azp") or claims.get("client_id")) not in self.allowed_clients:
+            raise TokenError("the token's client (azp) is not allowed here")
+        return claims
 
     async def avalidate(self, token: str) -> dict:
         """Async validate: inline when the key is cached (fast path), in a thread when it must fetch."""

@@ -100,6 +100,20 @@ class Supervisor:
                 proc.wait()
 
 
+def _without_metrics_port(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "VIGIL_METRICS_PORT"}
+
+
+def _service_env(env: dict[str, str], offset: int) -> dict[str, str]:
+    """Telemetry is whatever the OTEL_* variables say (off when none is set). VIGIL_METRICS_PORT=N
+    gives the gateway N, ingest N+1 and the worker N+2 (one port each on one machine), on loopback."""
+    out = dict(env)
+    if out.get("VIGIL_METRICS_PORT"):
+        out["VIGIL_METRICS_PORT"] = str(int(out["VIGIL_METRICS_PORT"]) + offset)
+        out.setdefault("VIGIL_METRICS_HOST", "127.0.0.1")
+    return out
+
+
 def _wait_http(url: str, sup: Supervisor, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -156,6 +170,8 @@ def cmd_up(args) -> int:
 
     env = dict(os.environ)
     env.setdefault("BENTOML_HOME", str(data_dir / "bentoml"))
+    if getattr(args, "log_format", None):  # `vigil --log-format json up`: the children log so too
+        env["VIGIL_LOG_FORMAT"] = args.log_format
     env.setdefault("VIGIL_MODEL_TAG", f"{env.get('VIGIL_MODEL_NAME', 'vigil-sepsis')}:latest")
     sup = Supervisor(log_dir)
     stopping = {"flag": False}
@@ -180,17 +196,22 @@ def cmd_up(args) -> int:
             "VIGIL_BENTOML_URL": f"http://127.0.0.1:{model_port}",
             "VIGIL_OIDC_ISSUER": args.oidc_issuer,
         })
-        sup.spawn("model", ["serve-model", "--host", "127.0.0.1", "--port", str(model_port)], env)
-        sup.spawn("gateway", ["gateway"], env)
+        sup.spawn("model", ["serve-model", "--host", "127.0.0.1", "--port", str(model_port)],
+                  _without_metrics_port(env))
+        sup.spawn("gateway", ["gateway"], _service_env(env, 0))
         _wait_http(f"http://127.0.0.1:{model_port}/readyz", sup, 180)
-        sup.spawn("worker", ["worker"], env)
-        sup.spawn("ingest", ["ingest"], env)
+        sup.spawn("worker", ["worker"], _service_env(env, 2))
+        sup.spawn("ingest", ["ingest"], _service_env(env, 1))
         fhir_base = f"http://{args.http_host}:{args.http_port}/fhir"
         _wait_http(f"http://{args.http_host}:{args.http_port}/healthz", sup, 60)
         _wait_port(grpc_port, sup, 60)
         print(f"vigil: FHIR base URL  {fhir_base}", flush=True)
         print(f"vigil: gRPC ingest    {args.grpc_listen}", flush=True)
         print(f"vigil: NATS           {nats.url}   logs in {log_dir}", flush=True)
+        if env.get("VIGIL_METRICS_PORT"):
+            p = int(env["VIGIL_METRICS_PORT"])
+            print(f"vigil: metrics        http://127.0.0.1:{{{p},{p + 1},{p + 2}}}/metrics "
+                  f"(gateway, ingest, worker)", flush=True)
         print("vigil: ready (Ctrl-C stops everything)", flush=True)
         if args.demo:
             _run_demo(args, fhir_base)

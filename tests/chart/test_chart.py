@@ -146,7 +146,14 @@ def test_production_render(rendered):
     for d in docs:
         if d["kind"] == "Deployment" and d["metadata"]["name"] in hpas:
             assert "replicas" not in d["spec"], d["metadata"]["name"]
-    assert [d["kind"] for d in docs].count("ServiceMonitor") == 1
+    monitors = {d["metadata"]["name"].rsplit("-", 1)[-1]: d for d in docs if d["kind"] == "ServiceMonitor"}
+    assert set(monitors) == {"model", "gateway"}
+    endpoint = monitors["gateway"]["spec"]["endpoints"][0]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    # ... which the gateway serves because the chart turns its Prometheus metrics on
+    gw_env = {e["name"]: e.get("value") for _, _, c in _containers(docs) if c["name"] == "gateway"
+              for e in c["env"]}
+    assert gw_env["OTEL_METRICS_EXPORTER"] == "prometheus" and gw_env["VIGIL_LOG_FORMAT"] == "json"
     assert _by(docs, "Job", "realm-import"), "realm import Job missing"
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"} == hpas
 
@@ -174,7 +181,28 @@ def test_realm_import_drops_test_only_clients_and_fails_closed():
     spec.loader.exec_module(mod)
     text = (CHART / "files" / "vigil-realm.json").read_text()
     realm = mod.prepare(text, {"VIGIL_EHR_CLIENT_SECRET": "e" * 32, "VIGIL_DEVICE_CLIENT_SECRET": "d" * 32})
-    assert [c["clientId"] for c in realm["clients"]] == ["vigil-ehr", "vigil-device-demo"]
+    assert [c["clientId"] for c in realm["clients"]] == ["vigil-ehr", "vigil-backend-service", "vigil-smart-app",
+                                                         "vigil-admin", "vigil-device-demo"]
+    # the private_key_jwt and public clients carry no secret at all
+    assert all("secret" not in c for c in realm["clients"] if c["clientId"] not in ("vigil-ehr", "vigil-device-demo"))
     assert "${" not in json.dumps(realm)
     with pytest.raises(SystemExit, match="VIGIL_DEVICE_CLIENT_SECRET"):
         mod.prepare(text, {"VIGIL_EHR_CLIENT_SECRET": "e" * 32})
+
+
+def test_telemetry_env_and_collector_egress(tmp_path):
+    """telemetry.otlpEndpoint reaches the three services (and only them) and opens egress to it."""
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    out = _helm_template(tmp_path, "--set", "telemetry.otlpEndpoint=http://otel-collector:4317")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for _, _, c in _containers(docs):
+        names = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if c["name"] in ("ingest", "worker", "gateway"):
+            assert names["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317", c["name"]
+        else:
+            assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in names, c["name"]
+    for d in docs:
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].rsplit("-", 1)[-1] in ("ingest", "worker", "gateway"):
+            assert any(p["port"] == 4317 for rule in d["spec"]["egress"] for p in rule["ports"]), d["metadata"]["name"]

@@ -61,3 +61,49 @@ def test_searches_use_indexes(tmp_path):
     assert "resources_by_subject_date" in by_subject and "SCAN" not in by_subject, by_subject
     conn.close()
     store.close()
+
+
+def test_upsert_replans_when_locked_read_differs(tmp_path):
+    """upsert_many reads current versions without row locks, then locks (re-reads) only the rows it is
+    about to change; when that locked read differs (a concurrent writer got there first), it plans again."""
+    store = build_store(f"sqlite:///{tmp_path}/r.db")
+    store.migrate()
+    assert store.upsert_many([_obs("o1", 1.0)]) == UpsertCounts(new=1)
+    assert store.upsert_many([_obs("o1", 2.0)]) == UpsertCounts(updated=1)
+    real = store._existing
+    calls = []
+
+    def stale_unlocked(tx, keys, *, lock=True):
+        calls.append(lock)
+        got = real(tx, keys, lock=lock)
+        return got if lock else {k: (1, "stale-hash") for k in got}  # as if version 2 were not yet committed
+
+    store._existing = stale_unlocked
+    # same content as version 2: the first plan says `updated`, the locked read shows it is `unchanged`
+    assert store.upsert_many([_obs("o1", 2.0)]) == UpsertCounts(unchanged=1)
+    assert calls == [False, True]
+    store._existing = real
+    assert store.read("Observation", "o1")["meta"]["versionId"] == "2"
+    assert store.vread("Observation", "o1", 3) is None
+    # all new, or all unchanged: one unlocked read, no locking read
+    calls.clear()
+    store._existing = stale_unlocked
+    store.upsert_many([_obs("o2")])
+    assert calls == [False]
+    store.close()
+
+
+def test_resource_date_is_not_in_idx_date(tmp_path):
+    """The resource's own `date` is searched in resources.date/date_high; idx_date holds other dates."""
+    store = build_store(f"sqlite:///{tmp_path}/d.db")
+    store.migrate()
+    store.upsert_many([_obs("o1"), {"resourceType": "Observation", "id": "o2", "status": "final",
+                                    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}}])
+    conn = sqlite3.connect(f"{tmp_path}/d.db")
+    assert conn.execute("SELECT COUNT(*) FROM idx_date WHERE param='date'").fetchone()[0] == 0
+    from vigil_gateway.search_params import parse_search
+    ids = lambda items: sorted(r["id"] for r in store.search_query(parse_search("Observation", items).query).resources)  # noqa: E731
+    assert ids([("date:missing", "true")]) == ["o2"]
+    assert ids([("date:missing", "false")]) == ["o1"]
+    assert ids([("code", "http://loinc.org|8867-4"), ("date:missing", "true")]) == ["o2"]
+    store.close()

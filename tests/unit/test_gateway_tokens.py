@@ -189,3 +189,13 @@ async def test_async_validate(issuer):
     assert (await v.avalidate(issuer.token()))["sub"] == "client"
     assert not v.needs_fetch(issuer.token())
     assert (await v.avalidate(issuer.token()))["sub"] == "client"
+
+
+def test_azp_allow_list(issuer):
+    v = TokenValidator(issuer.url, AUD, allowed_clients={"vigil-ehr"})
+    assert v.validate(issuer.token(azp="vigil-ehr"))["azp"] == "vigil-ehr"
+    for claims in ({"azp": "vigil-other"}, {}):
+        with pytest.raises(TokenError) as e:
+            v.validate(issuer.token(**claims))
+        assert "azp" in e.value.reason
+    assert TokenValidator(issuer.url, AUD).validate(issuer.token(azp="anyone"))  # empty list: any client

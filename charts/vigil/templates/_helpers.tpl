@@ -137,6 +137,24 @@ app.kubernetes.io/component: {{ .component }}
   value: "1"
 {{- end }}
 
+{{/* OpenTelemetry / logging env of the Vigil services (ingest, worker, gateway); see docs/operations.md. */}}
+{{- define "vigil.telemetryEnv" -}}
+{{- $t := .root.Values.telemetry }}
+- name: VIGIL_LOG_FORMAT
+  value: {{ $t.logFormat | quote }}
+{{- with $t.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- if and (eq .component "gateway") .root.Values.serviceMonitor.enabled .root.Values.serviceMonitor.gateway }}
+- name: OTEL_METRICS_EXPORTER
+  value: {{ ternary "otlp,prometheus" "prometheus" (ne $t.otlpEndpoint "") | quote }}
+{{- end }}
+{{- with $t.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "vigil.tmpVolume" -}}
 - name: tmp
   emptyDir:

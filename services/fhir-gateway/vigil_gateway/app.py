@@ -7,7 +7,10 @@ from the stored JSON. Every error is an OperationOutcome (https://hl7.org/fhir/R
 including unknown routes (404), wrong methods (405) and unexpected failures (500).
 
 Authorization: every interaction calls `auth.authorize(request, resource_type, interaction, patient)`
-in one place (`_guard`) after authentication; that is where SMART scopes plug in.
+in one place (`_guard`) after authentication; SMART scopes are enforced there (vigil/smart.py), and a
+patient-level token's compartment (request.state.confine) is applied here to reads, searches (with
+_include/_revinclude, on every page), history and writes. Every FHIR interaction, refused ones included,
+leaves an AuditEvent (audit_log.py); administrators search them at [base]/AuditEvent. See docs/security.md.
 """
 from __future__ import annotations
 
@@ -26,10 +29,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from vigil import smart
+from vigil.audit import build_audit_event
 from vigil.ids import is_fhir_id
 from vigil.settings import Settings
 from vigil.tokens import TokenValidator
-from vigil_gateway.auth import authenticate, authorize
+from vigil_gateway.audit_log import AuditLog
+from vigil_gateway.auth import authenticate, authorize, forbidden, may_read_type, may_search_audit
 from vigil_gateway.capability import capability_statement
 from vigil_gateway.fhirindex import SUPPORTED_TYPES, WRITABLE_TYPES, normalise_reference
 from vigil_gateway.outcomes import (
@@ -63,12 +69,20 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
                   openapi_url=None, default_response_class=FhirJSONResponse)
     app.state.settings, app.state.store, app.state.validator = settings, store, validator
     app.state.outbox_event = outbox_event
+    app.state.allowed_clients = settings.allowed_clients
+    audit = app.state.audit = AuditLog(store)
+    app.router.on_shutdown.append(audit.close)
+    app.add_middleware(AuditMiddleware, audit=audit, issuer=settings.oidc_issuer or None)
     _install_error_handlers(app)
     started = now_instant()
+    smart_config: dict = {}
 
     async def guard(request: Request, resource_type: str | None, interaction: str,
                     patient: str | None = None) -> None:
         """Authentication, content negotiation, then the per-request authorization hook."""
+        request.state.audit = {"interaction": interaction, "type": resource_type,
+                               "id": request.path_params.get("resource_id"),
+                               "patient": patient.removeprefix("Patient/") if patient else None}
         negotiate(request)
         if resource_type is not None and resource_type not in SUPPORTED_TYPES:
             raise FhirError(404, "not-supported", f"resource type {resource_type!r} is not supported "
@@ -90,12 +104,87 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         return reply(request, capability_statement(base_url=base_url, auth_enabled=validator is not None,
                                                    software_version=SOFTWARE_VERSION, date=started))
 
+    @app.get(f"{base}/.well-known/smart-configuration")
+    async def smart_configuration(request: Request) -> Response:
+        """SMART App Launch 2 discovery (https://hl7.org/fhir/smart-app-launch/conformance.html), built
+        from the issuer's OpenID discovery document (fetched once, cached)."""
+        if validator is None:
+            raise FhirError(404, "not-found", "auth is off: there is no authorization server")
+        if not smart_config:
+            import httpx
+            try:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    r = await client.get(settings.oidc_issuer.rstrip("/") + "/.well-known/openid-configuration")
+                    r.raise_for_status()
+                    oidc = r.json()
+            except (httpx.HTTPError, ValueError):
+                raise FhirError(503, "transient", "the authorization server's discovery document is "
+                                "unavailable", headers={"Retry-After": "5"}) from None
+            smart_config.update(smart_configuration_document(settings.oidc_issuer, oidc))
+        return FhirJSONResponse(smart_config, media_type="application/json",
+                                headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get(f"{base}/AuditEvent")
+    async def audit_search(request: Request) -> Response:
+        """AuditEvent search for administrators (a system/ or user/ AuditEvent scope with s, e.g.
+        system/AuditEvent.rs): date (lt/le/gt/ge/eq prefixes), agent (client id), patient, entity,
+        outcome, action, _count, _offset. Newest first."""
+        request.state.audit = {"interaction": "search-type", "type": "AuditEvent", "id": None, "patient": None}
+        negotiate(request)
+        claims = None
+        if validator is not None:
+            claims = request.state.claims = await authenticate(request, validator)
+        if not may_search_audit(claims):
+            raise forbidden("AuditEvents need an administrator scope such as system/AuditEvent.rs")
+        qp = request.query_params
+        request.state.audit["query"] = str(request.url.query)
+        dates = []
+        for value in qp.getlist("date"):
+            op, rest = (value[:2], value[2:]) if value[:2] in ("lt", "le", "gt", "ge", "eq") else ("eq", value)
+            if not rest or not rest[0].isdigit():
+                raise FhirError(400, "invalid", "date must be a date or instant with an optional lt/le/gt/ge prefix")
+            dates.append((op, rest))
+        patient = qp.get("patient")
+        if patient and not patient.startswith("Patient/"):
+            patient = f"Patient/{patient}"
+        count = _int_param(qp.get("_count"), 50, 1000, "_count")
+        offset = _int_param(qp.get("_offset"), 0, 1_000_000, "_offset")
+        await audit.flush()
+        total, events = await run_in_threadpool(
+            audit.search, date=dates, agent=qp.get("agent"), patient=patient, entity=qp.get("entity"),
+            outcome=qp.get("outcome"), action=qp.get("action"), count=count, offset=offset)
+        keep = [(k, v) for k, v in qp.multi_items() if k not in ("_offset", "_count")]
+
+        def link(rel: str, off: int) -> dict:
+            params = [*keep, ("_count", str(count)), ("_offset", str(off))]
+            return {"relation": rel, "url": f"{base_url}/AuditEvent?{urllib.parse.urlencode(params)}"}
+
+        links = [link("self", offset)]
+        if offset + count < total:
+            links.append(link("next", offset + count))
+        return reply(request, {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": now_instant()},
+                               "type": "searchset", "total": total, "link": links,
+                               "entry": [{"fullUrl": f"{base_url}/AuditEvent/{e['id']}", "resource": e,
+                                          "search": {"mode": "match"}} for e in events]})
+
     # --- search -------------------------------------------------------------------------------
 
     async def do_search(request: Request, resource_type: str, items: list[tuple[str, str]]) -> Response:
         await guard(request, resource_type, "search-type", _patient_of_query(resource_type, items))
+        confine = getattr(request.state, "confine", None)
+        if confine is not None:
+            # The compartment filter is added on every request (every page): repeating a parameter is AND,
+            # so whatever else the query (or a tampered paging link) says can only narrow it.
+            items = [*items, _compartment_param(resource_type, confine)]
+            request.state.audit["patient"] = confine
+        request.state.audit["query"] = urllib.parse.urlencode(items)
         parsed = parse_search(resource_type, items, strict=_strict(request))
         result = await run_in_threadpool(store.search_query, parsed.query)
+        claims = getattr(request.state, "claims", None)
+        if result.included and (claims is not None):
+            result.included = [r for r in result.included if _may_see(claims, confine, r)]
+        if confine is not None:
+            result.resources = [r for r in result.resources if smart.in_compartment(r, confine)]
         return reply(request, searchset_bundle(base_url, resource_type, parsed, result))
 
     @app.get(f"{base}/{{resource_type}}")
@@ -125,6 +214,9 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
                                                   offset=offset, since=since, snapshot=snapshot)
         if resource_id is not None and total == 0:
             raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
+        confine = getattr(request.state, "confine", None)
+        if confine is not None:  # an older version outside the compartment is not shown either
+            versions = [(m, r) for m, r in versions if smart.in_compartment(r, confine)]
         path = f"{resource_type}/{resource_id}/_history" if resource_id else f"{resource_type}/_history"
 
         def link(rel: str, off: int) -> dict:
@@ -161,6 +253,12 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     async def history_instance(resource_type: str, resource_id: str, request: Request) -> Response:
         await guard(request, resource_type, "history-instance", _patient_of_id(resource_type, resource_id))
         _check_id(resource_type, resource_id)
+        confine = getattr(request.state, "confine", None)
+        if confine is not None:
+            current = await run_in_threadpool(store.read, resource_type, resource_id)
+            if current is None or not smart.in_compartment(current, confine):
+                raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
+            request.state.audit["patient"] = confine
         return await do_history(request, resource_type, resource_id)
 
     # --- read / vread -------------------------------------------------------------------------
@@ -184,6 +282,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         resource = await run_in_threadpool(store.read, resource_type, resource_id)
         if resource is None:
             raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
+        request.state.audit["patient"] = smart.patient_of(resource)
         await authorize(request, getattr(request.state, "claims", None), resource_type, "read",
                         _patient_of_resource(resource), resource=resource)
         return versioned(request, resource)
@@ -198,6 +297,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         resource = await run_in_threadpool(store.vread, resource_type, resource_id, int(version_id))
         if resource is None:
             raise FhirError(404, "not-found", f"{resource_type}/{resource_id}/_history/{version_id} is not known")
+        request.state.audit["patient"] = smart.patient_of(resource)
         await authorize(request, getattr(request.state, "claims", None), resource_type, "vread",
                         _patient_of_resource(resource), resource=resource)
         return versioned(request, resource)
@@ -276,6 +376,11 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         await guard(request, resource_type, "update", _patient_of_resource(resource) if resource else None)
         check_writable(resource_type)
         _check_id(resource_type, resource_id)
+        confine = getattr(request.state, "confine", None)
+        if confine is not None:  # a patient-level token may not take over another patient's resource
+            existing = await run_in_threadpool(store.read, resource_type, resource_id)
+            if existing is not None and not smart.in_compartment(existing, confine):
+                raise forbidden("a patient-level token writes only into its own patient's compartment")
         if resource.get("id") != resource_id:
             raise FhirError(400, "invalid", f"the body's id ({resource.get('id')!r}) must equal the URL's "
                             f"({resource_id!r})")
@@ -386,6 +491,85 @@ def _patient_of_resource(resource: dict | None) -> str | None:
     return None
 
 
+def _compartment_param(resource_type: str, patient: str) -> tuple[str, str]:
+    """The search parameter that confines `resource_type` to `patient`'s compartment."""
+    if resource_type == "Patient":
+        return ("_id", patient)
+    path = smart.PATIENT_COMPARTMENT[resource_type][0]
+    return ("patient" if path == "patient" else "subject", f"Patient/{patient}")
+
+
+def _may_see(claims: dict, confine: str | None, resource: dict) -> bool:
+    """An _include/_revinclude result: its type must be readable with the token's scopes, and, for a
+    patient-level token, it must be in the token's compartment."""
+    decision = may_read_type(claims, resource.get("resourceType", ""))
+    if not decision.allowed:
+        return False
+    patient = decision.patient or confine
+    return patient is None or smart.in_compartment(resource, patient)
+
+
+def smart_configuration_document(issuer: str, oidc: dict) -> dict:
+    """[base]/.well-known/smart-configuration from the issuer's OpenID configuration."""
+    doc = {
+        "issuer": oidc.get("issuer", issuer),
+        "jwks_uri": oidc.get("jwks_uri"),
+        "authorization_endpoint": oidc.get("authorization_endpoint"),
+        "token_endpoint": oidc.get("token_endpoint"),
+        "grant_types_supported": ["authorization_code", "client_credentials"],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "scopes_supported": ["openid", "fhirUser", "launch/patient", "patient/*.read", "patient/*.rs",
+                             "patient/Observation.rs", "patient/RiskAssessment.rs", "user/*.read", "user/*.rs",
+                             "system/*.read", "system/*.rs", "system/Patient.write", "system/Encounter.write",
+                             "system/Patient.cud", "system/Encounter.cud", "system/AuditEvent.rs"],
+        "capabilities": ["launch-standalone", "client-public", "client-confidential-asymmetric",
+                         "client-confidential-symmetric", "context-standalone-patient", "permission-patient",
+                         "permission-user", "permission-v1", "permission-v2", "sso-openid-connect"],
+    }
+    for key in ("introspection_endpoint", "revocation_endpoint", "userinfo_endpoint"):
+        if oidc.get(key):
+            doc[key] = oidc[key]
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+class AuditMiddleware:
+    """Records one AuditEvent per FHIR interaction (whatever its outcome) once the response has started.
+
+    Pure ASGI (no body buffering); the event is queued in memory and written in the background."""
+
+    def __init__(self, app, audit: AuditLog, issuer: str | None):
+        self.app, self.audit, self.issuer = app, audit, issuer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            info = (scope.get("state") or {}).get("audit")
+            if info is not None:
+                claims = (scope.get("state") or {}).get("claims") or {}
+                client = scope.get("client")
+                try:
+                    self.audit.record(build_audit_event(
+                        interaction=info["interaction"], resource_type=info["type"] or "", status=status[0],
+                        client_id=claims.get("azp") or claims.get("client_id"), subject=claims.get("sub"),
+                        issuer=self.issuer, resource_id=info.get("id"), query=info.get("query"),
+                        patient=info.get("patient"), address=client[0] if client else None))
+                except Exception:  # auditing must never break the response
+                    log.exception("cannot build an audit event")
+
+
 def _patient_of_query(resource_type: str, items: list[tuple[str, str]]) -> str | None:
     for name, value in items:
         if name in ("subject", "patient") and value and "," not in value:
@@ -472,7 +656,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # The route template, never the path or query (they carry patient ids: no PHI in logs).
+        route = getattr(request.scope.get("route"), "path", "?")
+        log.exception("unhandled error on %s %s", request.method, route)
         return FhirJSONResponse(operation_outcome("exception", "internal server error"), status_code=500)
 
 

@@ -32,7 +32,8 @@ def build_validator(settings: Settings) -> TokenValidator | None:
     """A validator for settings.oidc_issuer/oidc_audience, or None when auth is off (no issuer)."""
     if not settings.oidc_issuer:
         return None
-    return TokenValidator(settings.oidc_issuer, settings.oidc_audience)
+    return TokenValidator(settings.oidc_issuer, settings.oidc_audience, leeway=settings.oidc_leeway_seconds,
+                          allowed_clients=settings.allowed_clients)
 
 
 async def _serve(server) -> None:
@@ -73,8 +74,12 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None
     """
     import uvicorn
 
+    from vigil.telemetry import setup_telemetry
+    from vigil_gateway import telemetry as gateway_telemetry
     from vigil_gateway.app import create_app
     from vigil_gateway.consumer import BusConsumer
+
+    setup_telemetry("vigil-gateway")
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -108,9 +113,12 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None
         if validator is None:
             log.warning("auth is OFF (no oidc_issuer): serve on loopback only")
         app = create_app(settings, store, validator, consumer=consumer, outbox_event=outbox.event)
+        gateway_telemetry.instrument_app(app, settings)
         config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, lifespan="on",
                                 loop="uvloop", http="httptools",
-                                log_level="info", access_log=False, server_header=False)
+                                log_level="info", access_log=False, server_header=False,  # no URLs (PHI) in logs
+                                ssl_certfile=settings.http_tls_cert or None, ssl_keyfile=settings.http_tls_key or None)
+        logging.getLogger("uvicorn.access").disabled = True  # never log URLs: they carry patient ids (PHI)
         server = Server(config)
         serve = asyncio.create_task(_serve(server), name="gateway-http")
 

@@ -57,8 +57,12 @@ def capability_statement(*, base_url: str, auth_enabled: bool, software_version:
             "cors": False,
             "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                      "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"}],
-                         "text": "OAuth2 bearer tokens (SMART Backend Services) from the configured issuer"}],
-            "description": "Every request except /metadata needs Authorization: Bearer <access token>.",
+                         "text": "OAuth2 bearer tokens (SMART App Launch 2 and Backend Services) from the "
+                                 "configured issuer; endpoints in [base]/.well-known/smart-configuration"}],
+            "description": "Every request except /metadata and /.well-known/smart-configuration needs "
+                           "Authorization: Bearer <access token> with SMART scopes covering the interaction; "
+                           "patient/ scopes are confined to the token's patient. AuditEvents (search only) "
+                           "need system/AuditEvent.rs. See docs/security.md.",
         }
     return {
         "resourceType": "CapabilityStatement",

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from vigil import bus
+from vigil import bus, telemetry, tracing
 from vigil_gateway.store import InvalidResource, Store, check_resource
 
 log = logging.getLogger("vigil.gateway.consumer")
@@ -66,6 +66,23 @@ class BusConsumer:
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
         self._subs: list = []
+        self._lag: dict[str, int] = {}
+        meter = telemetry.meter()
+        self._m_stored = meter.create_counter(
+            "vigil.gateway.stored", unit="{resource}",
+            description="Resources consumed from the bus and upserted (outcome new|updated|unchanged)")
+        self._m_batch = meter.create_histogram(
+            "vigil.gateway.consumer.batch.size", unit="{message}", description="Bus messages per fetch")
+        self._m_upsert = meter.create_histogram(
+            "vigil.gateway.store.latency", unit="s", description="One upsert_many transaction (consumer)")
+        meter.create_observable_gauge(
+            "vigil.gateway.consumer.lag", callbacks=[self._observe_lag], unit="{message}",
+            description="Messages pending on the gateway's durable consumers (num_pending at the last fetch)")
+
+    def _observe_lag(self, _options):
+        from opentelemetry.metrics import Observation
+
+        return [Observation(v, {"stream": k}) for k, v in self._lag.items()]
 
     @property
     def running(self) -> bool:
@@ -106,6 +123,7 @@ class BusConsumer:
             try:
                 msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout)
             except (TimeoutError, nats.errors.TimeoutError):
+                self._lag[stream] = 0
                 continue
             except asyncio.CancelledError:
                 raise
@@ -116,6 +134,12 @@ class BusConsumer:
                 log.warning("fetch from %s failed: %r", stream, exc)
                 await asyncio.sleep(self.retry_delay)
                 continue
+            if not msgs:
+                self._lag[stream] = 0
+                continue
+            with contextlib.suppress(Exception):
+                self._lag[stream] = msgs[-1].metadata.num_pending
+            self._m_batch.record(len(msgs), {"stream": stream})
             try:
                 # shielded: a cancellation must not interrupt between commit and ack
                 await asyncio.shield(self.handle_batch(stream, msgs))
@@ -128,7 +152,23 @@ class BusConsumer:
                 await asyncio.sleep(self.retry_delay)
 
     async def handle_batch(self, stream: str, msgs: list) -> None:
-        """Decode, store in one transaction, then ack (or term malformed / nak on store outage)."""
+        """Decode, store in one transaction, then ack (or term malformed / nak on store outage).
+
+        Traced as one CONSUMER span per fetch (parent = the first message's trace context, links to
+        every message) with a `store upsert` child span per transaction."""
+        with tracing.process_span(stream, [getattr(m, "headers", None) for m in msgs]):
+            await self._handle_batch(stream, msgs)
+
+    async def _upsert_traced(self, stream: str, resources: list[dict]):
+        t0 = telemetry.now()
+        with tracing.tracer().start_as_current_span("store upsert", attributes={
+                "db.system": str(getattr(self.store, "dialect", "")), "db.operation.name": "upsert_many",
+                "vigil.resources": len(resources), "messaging.destination.name": stream}):
+            counts = await asyncio.to_thread(self._upsert, stream, resources)
+        self._m_upsert.record(telemetry.now() - t0, {"stream": stream})
+        return counts
+
+    async def _handle_batch(self, stream: str, msgs: list) -> None:
         good: list[tuple[object, list[dict]]] = []
         for msg in msgs:
             try:
@@ -145,7 +185,7 @@ class BusConsumer:
         if not good:
             return
         try:
-            counts = await asyncio.to_thread(self._upsert, stream, [r for _, rs in good for r in rs])
+            counts = await self._upsert_traced(stream, [r for _, rs in good for r in rs])
         except Exception as exc:  # noqa: BLE001
             self.stats.last_error = f"store {stream}: {exc!r}"
             if len(good) == 1:
@@ -154,15 +194,15 @@ class BusConsumer:
             log.warning("batch of %d from %s failed (%r); retrying message by message", len(good), stream, exc)
             for msg, resources in good:
                 try:
-                    counts = await asyncio.to_thread(self._upsert, stream, resources)
+                    counts = await self._upsert_traced(stream, resources)
                 except Exception as exc_one:  # noqa: BLE001
                     await self._settle_failure(stream, msg, resources, exc_one)
                     continue
-                self._count(counts)
+                self._count(counts, stream)
                 await msg.ack()
                 self.stats.messages_acked += 1
             return
-        self._count(counts)
+        self._count(counts, stream)
         for msg, _ in good:
             await msg.ack()
         self.stats.messages_acked += len(good)
@@ -183,7 +223,13 @@ class BusConsumer:
             await msg.nak(delay=self.retry_delay)
             await asyncio.sleep(self.retry_delay)
 
-    def _count(self, counts) -> None:
+    def _count(self, counts, stream: str = "") -> None:
+        if counts.new:
+            self._m_stored.add(counts.new, {"outcome": "new", "stream": stream})
+        if counts.updated:
+            self._m_stored.add(counts.updated, {"outcome": "updated", "stream": stream})
+        if counts.unchanged:
+            self._m_stored.add(counts.unchanged, {"outcome": "unchanged", "stream": stream})
         self.stats.resources_new += counts.new
         self.stats.resources_updated += counts.updated
         self.stats.resources_unchanged += counts.unchanged

@@ -12,6 +12,7 @@ import asyncio
 import numpy as np
 import orjson
 
+from vigil import tracing
 from vigil_inference.model import LoadedModel
 
 
@@ -38,7 +39,7 @@ class ModelClient:
         if len(x) == 0:
             return np.empty(0)
         r = await self._http.post("/predict", content=encode_features(x),
-                                  headers={"content-type": "application/json"})
+                                  headers=tracing.inject({"content-type": "application/json"}))
         r.raise_for_status()
         out = np.asarray(orjson.loads(r.content), dtype=np.float64)
         if out.shape != (len(x),):
@@ -50,7 +51,7 @@ class ModelClient:
         if len(x) == 0:
             return np.empty((0, 1))
         r = await self._http.post("/predict_explain", content=encode_features(x),
-                                  headers={"content-type": "application/json"})
+                                  headers=tracing.inject({"content-type": "application/json"}))
         r.raise_for_status()
         out = np.asarray(orjson.loads(r.content), dtype=np.float64)
         if out.ndim != 2 or len(out) != len(x):

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vigil import bus, ehr
+from vigil import bus, ehr, telemetry, tracing
 from vigil.settings import Settings
 from vigil_inference import anomaly
 from vigil_inference import features as F
@@ -128,6 +128,26 @@ class Worker:
         self._meta: dict | None = None
         self._names = F.feature_names()
         self._news2_col = self._names.index("news2_partial")
+        self._lag = {"observations": 0, "ehr": 0}
+        meter = telemetry.meter()
+        self._m_readings = meter.create_counter(
+            "vigil.worker.readings", unit="{observation}", description="Observations consumed (this partition)")
+        self._m_out = meter.create_counter(
+            "vigil.worker.risk_assessments", unit="{resource}", description="RiskAssessments published")
+        self._m_batch = meter.create_histogram(
+            "vigil.worker.batch.size", unit="{message}", description="Bus messages per fetch")
+        self._m_rows = meter.create_histogram(
+            "vigil.model.batch.size", unit="{row}", description="Feature rows per model call")
+        self._m_latency = meter.create_histogram(
+            "vigil.model.latency", unit="s", description="Model call latency (BentoML HTTP or in-process)")
+        meter.create_observable_gauge(
+            "vigil.worker.consumer.lag", callbacks=[self._observe_lag], unit="{message}",
+            description="Messages pending on the worker's durable consumers (num_pending at the last fetch)")
+
+    def _observe_lag(self, _options):
+        from opentelemetry.metrics import Observation
+
+        return [Observation(v, {"consumer": k}) for k, v in self._lag.items()]
 
     @property
     def durable(self) -> str:
@@ -201,7 +221,7 @@ class Worker:
         ehr = await self._read_all(bus.EHR_STREAM, self.ehr_filter_subject)
         self._apply_ehr(ehr)
         obs = await self._read_all(bus.OBSERVATIONS_STREAM, self.filter_subject)
-        self._apply_observations(obs)
+        self._apply_observations(obs, consumed=False)
         log.info("rebuilt state of %d patients from %d observation and %d EHR messages",
                  len(self.states), len(obs), len(ehr))
 
@@ -250,9 +270,10 @@ class Worker:
             hospital = self.encounters.get(hid) if hid else None
         return ehr.demographics(self.patients.get(patient_id), icu, hospital)
 
-    def _apply_observations(self, bodies: list[bytes]) -> dict[str, set[int]]:
+    def _apply_observations(self, bodies: list[bytes], *, consumed: bool = True) -> dict[str, set[int]]:
         interval_s = self.settings.score_interval_seconds
         touched: dict[str, set[int]] = {}
+        n = 0
         for body in bodies:
             try:
                 resources = bus.decode_bundle(body)
@@ -270,9 +291,12 @@ class Worker:
                     continue
                 state = self.states.setdefault(patient, PatientState())
                 state.add(interval, key, value, effective, obs_id)
+                n += 1
                 # Touched even when the Observation was already known: a redelivery after a failed
                 # publish must publish again (an identical result is deduplicated by its msg id).
                 touched.setdefault(patient, set()).add(interval)
+        if n and consumed:  # not counted when rebuilding state at start
+            self._m_readings.add(n)
         return touched
 
     def _anomaly(self, patient: str, interval: int, start: int, basis: list[str], n_seen: int) -> list[Published]:
@@ -304,16 +328,49 @@ class Worker:
         except TimeoutError:  # nats-py raises its TimeoutError or, in one path, asyncio's (both builtin)
             return []
 
+    def _note_lag(self, name: str, msgs: list) -> None:
+        if not msgs:
+            self._lag[name] = 0  # the fetch timed out: nothing was pending
+            return
+        with contextlib.suppress(Exception):
+            self._lag[name] = msgs[-1].metadata.num_pending
+
     async def step(self) -> list[Published]:
         """Fetch one batch of each stream, score and publish; [] when idle."""
         ehr_msgs = await self._fetch(self._ehr_sub, min(0.05, self.fetch_timeout))
         msgs = await self._fetch(self._sub, self.fetch_timeout)
+        self._note_lag("ehr", ehr_msgs)
+        self._note_lag("observations", msgs)
         if not msgs and not ehr_msgs:
             return []
-        published = await self.process([m.data for m in msgs], [m.data for m in ehr_msgs])
+        self._m_batch.record(len(msgs) + len(ehr_msgs))
+        # One CONSUMER span per fetch: parent = the first message's context (Observations first),
+        # links to every message; the model call and the RiskAssessment publishes are its children.
+        with tracing.process_span("vigil.observations", [m.headers for m in msgs + ehr_msgs]):
+            published = await self.process([m.data for m in msgs], [m.data for m in ehr_msgs])
         for m in ehr_msgs + msgs:
             await m.ack()
         return published
+
+    async def _predict(self, x: np.ndarray, explain: bool) -> np.ndarray:
+        """The model call in a CLIENT span (its traceparent goes to BentoML in the HTTP headers)."""
+        from opentelemetry.trace import SpanKind
+
+        op = "predict_explain" if explain else "predict"
+        t0 = telemetry.now()
+        with tracing.tracer().start_as_current_span(f"model {op}", kind=SpanKind.CLIENT, attributes={
+                "vigil.model.name": self.settings.model_name, "vigil.model.rows": len(x),
+                "server.address": getattr(self.model, "url", "in-process")}):
+            out = await (self.model.predict_explain(x) if explain else self.model.predict(x))
+        self._m_latency.record(telemetry.now() - t0, {"operation": op})
+        self._m_rows.record(len(x))
+        return out
+
+    async def _publish(self, p: Published) -> None:
+        subject = bus.risk_subject(p.patient_id)
+        with tracing.publish_span(subject):
+            await self.js.publish(subject, bus.encode_bundle([p.risk_assessment]), stream=bus.RISK_STREAM,
+                                  headers=tracing.inject({bus.MSG_ID: p.msg_id}))
 
     async def process(self, bodies: list[bytes], ehr_bodies: list[bytes] = ()) -> list[Published]:
         """Score and publish the (patient, interval) pairs touched by these bus messages."""
@@ -339,10 +396,10 @@ class Worker:
         x = np.vstack(rows)
         explained = None
         if self.explain and hasattr(self.model, "predict_explain"):
-            explained = await self.model.predict_explain(x)
+            explained = await self._predict(x, True)
             probs = explained[:, 0]
         else:
-            probs = await self.model.predict(x)
+            probs = await self._predict(x, False)
 
         meta = self._meta or await self.model.metadata()
         name, version, threshold = self.settings.model_name, str(meta["version"]), float(meta["threshold"])
@@ -372,10 +429,8 @@ class Worker:
                 out.append(Published(patient, interval, nra, f"{nra['id']}/{NEWS2_VERSION}/{n_seen}"))
             if self.anomaly:
                 out += self._anomaly(patient, interval, start, basis, n_seen)
-        await asyncio.gather(*(
-            self.js.publish(bus.risk_subject(p.patient_id), bus.encode_bundle([p.risk_assessment]),
-                            stream=bus.RISK_STREAM, headers={bus.MSG_ID: p.msg_id})
-            for p in out))
+        await asyncio.gather(*(self._publish(p) for p in out))
+        self._m_out.add(len(out))
         return out
 
     async def run_forever(self, ready: asyncio.Event | None = None) -> None:
@@ -410,8 +465,10 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None, model_c
     client (e.g. LocalModel); `worker_options` go to Worker (batch_size, filter_subject, ...)."""
     import nats
 
+    from vigil.telemetry import setup_telemetry
     from vigil_inference.client import ModelClient
 
+    setup_telemetry("vigil-worker")
     client = model_client or ModelClient(settings.bentoml_url)
     nc = await nats.connect(settings.nats_url, name=settings.worker_name)
     worker = Worker(nc.jetstream(), client, settings, **worker_options)

@@ -124,12 +124,19 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
     await registry.start()
 
     interceptors = []
+    from vigil import telemetry
+
+    if telemetry.tracing_enabled():  # gRPC server spans (one per RPC; a stream is one RPC)
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        interceptors.append(aio_server_interceptor())
     if settings.auth_enabled:
         from vigil.tokens import TokenValidator
         from vigil_ingest.auth import AuthInterceptor
 
-        interceptors.append(AuthInterceptor(validator or TokenValidator(settings.oidc_issuer,
-                                                                        settings.ingest_audience)))
+        interceptors.append(AuthInterceptor(validator or TokenValidator(
+            settings.oidc_issuer, settings.ingest_audience, leeway=settings.oidc_leeway_seconds,
+            allowed_clients=settings.allowed_clients)))
     servicer = IngestServicer(publisher, stream_window=stream_window, max_inflight=max_inflight,
                               max_inflight_bytes=max_inflight_bytes,
                               publish_timeout=publish_timeout, registry=registry)
@@ -151,6 +158,9 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
 
 async def run(settings: Settings, *, ready: asyncio.Event | None = None, grace: float = 5) -> None:
     """Start, set `ready`, serve until cancelled, then stop gracefully."""
+    from vigil.telemetry import setup_telemetry
+
+    setup_telemetry("vigil-ingest")
     srv = await start(settings)
     try:
         if ready is not None:

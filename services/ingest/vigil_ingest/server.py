@@ -18,7 +18,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
+from vigil import telemetry, tracing
 from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from vigil.ids import is_fhir_id
@@ -142,6 +145,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self.publish_timeout = publish_timeout
         self._inflight = asyncio.Semaphore(max_inflight)
         self._bytes = ByteBudget(max_inflight_bytes)
+        meter = telemetry.meter()
+        self._m_readings = meter.create_counter(
+            "vigil.ingest.readings", unit="{reading}", description="Readings acknowledged (durable on the bus)")
+        self._m_batches = meter.create_histogram(
+            "vigil.ingest.batch.size", unit="{reading}", description="Readings per acknowledged batch")
 
     async def _reserve(self, prepared: PreparedBatch) -> int:
         await self._inflight.acquire()
@@ -157,13 +165,32 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             return self.publish_timeout
         return max(0.001, min(self.publish_timeout, remaining))
 
+    @staticmethod
+    def _batch_span(prepared: PreparedBatch, streamed: bool):
+        """One span per batch. A StreamReadings stream may live for hours: each of its batches starts
+        its own trace (a SERVER span linked to the stream's RPC span) so a trace is one batch's journey;
+        an UploadReadings batch is a child of its RPC span."""
+        attrs = {"vigil.device.id": prepared.device_id, "vigil.batch.readings": prepared.count,
+                 "vigil.batch.first_sequence": prepared.first_sequence}
+        if not streamed:
+            return tracing.tracer().start_as_current_span("ingest batch", attributes=attrs)
+        rpc = trace.get_current_span().get_span_context()
+        return tracing.tracer().start_as_current_span(
+            "ingest batch", context=otel_context.Context(), kind=trace.SpanKind.SERVER,
+            links=[trace.Link(rpc)] if rpc.is_valid else None, attributes=attrs)
+
     async def _publish(self, prepared: PreparedBatch, reserved: int, context,
-                       status: ingest_pb2.DeviceStatus | None = None) -> ingest_pb2.BatchAck:
+                       status: ingest_pb2.DeviceStatus | None = None, *, streamed: bool = False
+                       ) -> ingest_pb2.BatchAck:
         try:
-            ack = await publish_prepared(prepared, self.publisher, timeout=self._timeout(context))
+            with self._batch_span(prepared, streamed) as span:
+                ack = await publish_prepared(prepared, self.publisher, timeout=self._timeout(context))
+                span.set_attribute("vigil.batch.duplicate", ack.duplicate)
         finally:
             self._inflight.release()
             await self._bytes.release(reserved)
+        self._m_readings.add(prepared.count, {"duplicate": ack.duplicate})
+        self._m_batches.record(prepared.count)
         if not ack.duplicate:
             self.registry.observe(
                 prepared.device_id, prepared.first_sequence, prepared.last_sequence, prepared.count,
@@ -228,7 +255,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     await window.acquire()
                     reserved = await self._reserve(prepared)
                     status = req.batch.device_status if req.batch.HasField("device_status") else None
-                    await queue.put(asyncio.ensure_future(self._publish(prepared, reserved, context, status)))
+                    await queue.put(asyncio.ensure_future(self._publish(prepared, reserved, context, status,
+                                                                        streamed=True)))
             except Exception as e:  # noqa: BLE001 - a broken request stream ends this RPC
                 await queue.put(e)
                 return

@@ -1,0 +1,161 @@
+"""TLS for both network APIs, with a throwaway self-signed CA generated here (docs/security.md):
+the FHIR gateway over HTTPS (VIGIL_HTTP_TLS_CERT/KEY) and the gRPC ingest over TLS and mTLS
+(VIGIL_GRPC_TLS_CERT/KEY/CLIENT_CA). Real servers via their bootstrap; clients verify against the CA.
+The ingest's gRPC TLS also carries the bearer token (token auth on, real Keycloak) in the mTLS case.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import pathlib
+import ssl
+import uuid
+
+import grpc
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from vigil_gateway import bootstrap as gateway_bootstrap
+from vigil_ingest import bootstrap as ingest_bootstrap
+from vigil_ingest.client import IngestClient
+
+from vigil.devservers import free_port
+from vigil.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class Pki:
+    """A CA plus leaf certificates, written as PEM files under `directory`."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        now = dt.datetime.now(dt.UTC)
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.ca_cert = (x509.CertificateBuilder().subject_name(_name("Vigil test CA")).issuer_name(_name("Vigil test CA"))
+                        .public_key(self.ca_key.public_key()).serial_number(x509.random_serial_number())
+                        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                     content_commitment=False, key_encipherment=False,
+                                                     data_encipherment=False, key_agreement=False,
+                                                     encipher_only=False, decipher_only=False), critical=True)
+                        .sign(self.ca_key, hashes.SHA256()))
+        self.ca_path = directory / "ca.pem"
+        self.ca_path.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(self, name: str, *, server: bool) -> tuple[str, str]:
+        now = dt.datetime.now(dt.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(self.ca_cert.subject)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        if server:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        cert = b.sign(self.ca_key, hashes.SHA256())
+        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(_pem_key(key))
+        key_path.chmod(0o600)
+        return str(cert_path), str(key_path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+async def test_gateway_serves_https_verified_against_the_ca(pki, nats_url, tmp_path):
+    cert, key = pki.leaf("gateway", server=True)
+    port = free_port()
+    settings = Settings(nats_url=nats_url, database_url=f"sqlite:///{tmp_path}/gw.db", http_port=port,
+                        http_tls_cert=cert, http_tls_key=key, gateway_consumer_name="tls-" + uuid.uuid4().hex[:8])
+    assert settings.fhir_base_url.startswith("https://")
+    ready = asyncio.Event()
+    task = asyncio.create_task(gateway_bootstrap.run(settings, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        verify = ssl.create_default_context(cafile=str(pki.ca_path))
+        async with httpx.AsyncClient(verify=verify) as http:
+            r = await http.get(f"https://127.0.0.1:{port}/fhir/metadata")
+            assert r.status_code == 200 and r.json()["resourceType"] == "CapabilityStatement"
+        async with httpx.AsyncClient() as http:  # the system trust store does not know the test CA
+            with pytest.raises(httpx.ConnectError):
+                await http.get(f"https://127.0.0.1:{port}/fhir/metadata")
+        async with httpx.AsyncClient() as http:  # and plain HTTP is not served on the TLS port
+            with pytest.raises(httpx.HTTPError):
+                await http.get(f"http://127.0.0.1:{port}/fhir/metadata")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def _health(target: str, creds: grpc.ChannelCredentials | None) -> int:
+    channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
+    async with channel:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return resp.status
+
+
+async def test_ingest_tls(pki, nats_url):
+    cert, key = pki.leaf("ingest", server=True)
+    srv = await ingest_bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats_url,
+                                                grpc_tls_cert=cert, grpc_tls_key=key))
+    target = f"127.0.0.1:{srv.port}"
+    try:
+        ca = pki.ca_path.read_bytes()
+        assert await _health(target, grpc.ssl_channel_credentials(root_certificates=ca)) == \
+            health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # plaintext client
+            await _health(target, None)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        (pki.dir / "other").mkdir(exist_ok=True)
+        other = Pki(pki.dir / "other")
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # a client trusting another CA refuses the server
+            await _health(target, grpc.ssl_channel_credentials(root_certificates=other.ca_path.read_bytes()))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await srv.stop(1)
+
+
+async def test_ingest_mtls_requires_a_client_certificate(pki, nats_url, keycloak):
+    cert, key = pki.leaf("ingest-m", server=True)
+    client_cert, client_key = pki.leaf("device-gw", server=False)
+    srv = await ingest_bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats_url,
+                                                grpc_tls_cert=cert, grpc_tls_key=key,
+                                                grpc_tls_client_ca=str(pki.ca_path), oidc_issuer=keycloak.issuer))
+    target = f"127.0.0.1:{srv.port}"
+    try:
+        ca = pki.ca_path.read_bytes()
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # TLS without a client certificate
+            await _health(target, grpc.ssl_channel_credentials(root_certificates=ca))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=pathlib.Path(client_key).read_bytes(),
+                                             certificate_chain=pathlib.Path(client_cert).read_bytes())
+        assert await _health(target, creds) == health_pb2.HealthCheckResponse.SERVING
+        # mTLS and the bearer token together: the vendor registers a device
+        async with IngestClient(target, token=keycloak.token("vigil-device-demo"), credentials=creds) as c:
+            device = "tls-" + uuid.uuid4().hex[:8]
+            assert (await c.register_device(device)).vendor == "vigil-device-demo"
+    finally:
+        await srv.stop(1)
