@@ -102,7 +102,10 @@ def test_resource_date_is_not_in_idx_date(tmp_path):
     conn = sqlite3.connect(f"{tmp_path}/d.db")
     assert conn.execute("SELECT COUNT(*) FROM idx_date WHERE param='date'").fetchone()[0] == 0
     from vigil_gateway.search_params import parse_search
-    ids = lambda items: sorted(r["id"] for r in store.search_query(parse_search("Observation", items).query).resources)  # noqa: E731
+
+    def ids(items):
+        return sorted(r["id"] for r in store.search_query(parse_search("Observation", items).query).resources)
+
     assert ids([("date:missing", "true")]) == ["o2"]
     assert ids([("date:missing", "false")]) == ["o1"]
     assert ids([("code", "http://loinc.org|8867-4"), ("date:missing", "true")]) == ["o2"]

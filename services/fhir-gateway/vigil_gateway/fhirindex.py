@@ -55,6 +55,14 @@ def date_range(value: str) -> tuple[str, str] | None:
     if not m:
         return None
     y, mo, d, hh, mi, ss, frac, tz = m.groups()
+    if ss is not None and not frac and tz in (None, "Z") and y >= "1000":
+        # fast path for the common UTC dateTime to the second (every device reading): no strftime
+        try:
+            dt.datetime(int(y), int(mo), int(d), int(hh), int(mi), int(ss))
+        except ValueError:
+            return None
+        base = f"{y}-{mo}-{d}T{hh}:{mi}:{ss}"
+        return base + ".000000Z", base + ".999999Z"
     try:
         zone = dt.UTC
         if tz and tz != "Z":

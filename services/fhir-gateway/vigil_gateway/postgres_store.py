@@ -2,7 +2,8 @@
 
 One write connection behind a lock, and a small pool of read connections (`read_pool` of them, so
 concurrent searches do not queue behind each other), each reopened if the server dropped it. All SQL
-lives in store.SqlStore; batches are written with executemany (psycopg pipelines them); migrations
+lives in store.SqlStore except the batched writes: a bus batch is one `INSERT ... SELECT FROM unnest(arrays)
+ON CONFLICT` into resources and one COPY per history/index table (not a statement per row); migrations
 hold an advisory lock so several gateway replicas can start at once. Reads run in REPEATABLE READ
 so a search's total, page and includes come from one snapshot.
 """
@@ -107,16 +108,60 @@ class PostgresStore(SqlStore):
         finally:
             self._pool.put(conn)
 
-    def _existing(self, tx, keys):
+    def _existing(self, tx, keys, *, lock: bool = True):
         existing = {}
+        # FOR UPDATE: a concurrent writer of the same rows waits, so versions never fork
+        suffix = " FOR UPDATE OF r" if lock else ""
         for part in chunks(keys, _IN_CHUNK):
-            # FOR UPDATE: a concurrent writer of the same rows waits, so versions never fork
             for rt, rid, ver, digest in tx.q(
                     "SELECT r.resource_type, r.id, r.version_id, r.content_hash FROM resources r "
-                    "JOIN unnest(?::text[], ?::text[]) AS k(t, i) ON r.resource_type=k.t AND r.id=k.i "
-                    "FOR UPDATE OF r", [[str(k[0]) for k in part], [str(k[1]) for k in part]]):
+                    "JOIN unnest(?::text[], ?::text[]) AS k(t, i) ON r.resource_type=k.t AND r.id=k.i"
+                    + suffix, [[str(k[0]) for k in part], [str(k[1]) for k in part]]):
                 existing[(rt, rid)] = (ver, digest)
         return existing
+
+    # Batched writes: one round trip per table whatever the batch size (see SqlStore._apply).
+
+    def _upsert_resources(self, tx, values: list[tuple], *, with_history: bool = False) -> bool:
+        """INSERT ... SELECT FROM unnest(arrays) ON CONFLICT: the batch as ten array parameters. With
+        with_history, the history rows are inserted from its RETURNING rows in the same statement (each
+        body is sent and parsed into jsonb once)."""
+        if not values:
+            return False
+        cols = list(zip(*values, strict=True))
+        head, tail = "", ""
+        if with_history:
+            head = "WITH u AS ("
+            tail = (" RETURNING resource_type, id, version_id, last_updated, body) "
+                    "INSERT INTO resource_history (resource_type, id, version_id, last_updated, method, body) "
+                    "SELECT resource_type, id, version_id, last_updated, "
+                    "CASE WHEN version_id = 1 THEN 'POST' ELSE 'PUT' END, body FROM u")
+        # %b: binary array parameters (text-format arrays escape every quote of every JSON body in Python)
+        tx.cur.execute(
+            head + "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
+            "content_hash, body, created_seq) "
+            "SELECT t, i, v, lu, s, d, dh, h, b::jsonb, cs FROM unnest(?::text[], ?::text[], ?::int[], ?::text[], "
+            "?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bigint[]) AS u(t, i, v, lu, s, d, dh, h, b, cs) "
+            "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
+            "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
+            "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body"
+            .replace("?", "%b") + tail, [list(c) for c in cols])
+        return with_history
+
+    def _append(self, tx, table: str, columns: tuple[str, ...], values: list[tuple],
+                json_col: int | None = None) -> None:
+        """COPY FROM STDIN (text format; the server parses the jsonb column): rows that never conflict."""
+        if not values:
+            return
+        with tx.cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in values:
+                copy.write_row(row)
+
+    def _delete_index(self, tx, keys: list[tuple[str, str]]) -> None:
+        types, ids = [k[0] for k in keys], [k[1] for k in keys]
+        for table in ("idx_token", "idx_reference", "idx_date", "idx_string"):
+            tx.q(f"DELETE FROM {table} x USING unnest(?::text[], ?::text[]) AS k(t, i) "
+                 "WHERE x.resource_type=k.t AND x.resource_id=k.i", [types, ids])
 
     def _next_seqs(self, tx, n: int) -> list[int]:
         return [r[0] for r in tx.q("SELECT nextval('resource_seq') FROM generate_series(1, ?)", [n])]

@@ -221,9 +221,13 @@ class PreparedRow:
     body: dict
     index: IndexRows
     is_new: bool
+    _json: str | None = None
 
     def body_json(self) -> str:
-        return orjson.dumps(self.body).decode()
+        """The stored JSON text, serialised once (the resources, history and outbox rows share it)."""
+        if self._json is None:
+            self._json = orjson.dumps(self.body).decode()
+        return self._json
 
 
 def _stamp(resource: dict, rtype: str, rid: str, version: int, last_updated: str) -> dict:
@@ -413,6 +417,9 @@ class _SqlBuilder:
         base = f"SELECT x.resource_id FROM {table} x WHERE x.resource_type=? AND x.param=?"
         base_args = [rt, p.name]
         if f.modifier == "missing":
+            if p.kind == "date" and p.name == "date":  # resources.date_high holds it (no idx_date rows)
+                self.where.append("r.date_high IS NULL" if f.values[0] else "r.date_high IS NOT NULL")
+                return
             self._in(base, base_args, negate=bool(f.values[0]))
             return
         if p.kind == "token":
@@ -497,69 +504,97 @@ class SqlStore:
 
     # --- writes -----------------------------------------------------------------------------------
 
-    def _existing(self, tx, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, str]]:
+    def _existing(self, tx, keys: list[tuple[str, str]], *,
+                  lock: bool = True) -> dict[tuple[str, str], tuple[int, str]]:
+        """{key: (version_id, content_hash)} of the stored keys; lock: hold row locks until commit."""
         raise NotImplementedError
 
     def _apply(self, tx, rows: list[PreparedRow], versions: list[PreparedRow], *, outbox: bool = False) -> None:
+        """Write a planned batch: one statement (or COPY) per table, whatever the batch size."""
         if not rows:
             return
         new_rows = [r for r in rows if r.is_new]
-        seqs = self._next_seqs(tx, len(new_rows)) if new_rows else []
-        created = {(r.resource_type, r.id): s for r, s in zip(new_rows, seqs, strict=True)}
+        seqs = iter(self._next_seqs(tx, len(new_rows)) if new_rows else ())
         old = [(r.resource_type, r.id) for r in rows if not r.is_new]
         if old:
-            for table in ("idx_token", "idx_reference", "idx_date", "idx_string"):
-                tx.many(f"DELETE FROM {table} WHERE resource_type=? AND resource_id=?", old)
-        jp = self.json_param
-        tx.many(
-            "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
-            f"content_hash, body, created_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {jp}, ?) "
-            "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
-            "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
-            "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body",
-            [(r.resource_type, r.id, r.version_id, r.last_updated, r.index.subject,
-              r.index.date[0] if r.index.date else None, r.index.date[1] if r.index.date else None,
-              r.content_hash, r.body_json(), created.get((r.resource_type, r.id))) for r in rows])
-        tx.many("INSERT INTO resource_history (resource_type, id, version_id, last_updated, method, body) "
-                f"VALUES (?, ?, ?, ?, ?, {jp})",
-                [(v.resource_type, v.id, v.version_id, v.last_updated, "POST" if v.version_id == 1 else "PUT",
-                  v.body_json()) for v in versions])
+            self._delete_index(tx, old)
+        # one new version per key (the usual batch): versions are exactly `rows`, and the adapter may
+        # write their history rows together with the resources (PostgreSQL: one statement)
+        with_history = len(versions) == len(rows)
+        done = self._upsert_resources(tx, [
+            (r.resource_type, r.id, r.version_id, r.last_updated, r.index.subject,
+             r.index.date[0] if r.index.date else None, r.index.date[1] if r.index.date else None,
+             r.content_hash, r.body_json(), next(seqs) if r.is_new else None) for r in rows],
+            with_history=with_history)
+        if not done:
+            self._append(tx, "resource_history",
+                         ("resource_type", "id", "version_id", "last_updated", "method", "body"),
+                         [(v.resource_type, v.id, v.version_id, v.last_updated,
+                           "POST" if v.version_id == 1 else "PUT", v.body_json()) for v in versions], json_col=5)
         self._insert_index(tx, rows)
         if outbox:
-            tx.many(f"INSERT INTO outbox (resource_type, id, version_id, body) VALUES (?, ?, ?, {jp})",
-                    [(r.resource_type, r.id, r.version_id, r.body_json()) for r in rows])
+            self._append(tx, "outbox", ("resource_type", "id", "version_id", "body"),
+                         [(r.resource_type, r.id, r.version_id, r.body_json()) for r in rows], json_col=3)
+
+    # Write primitives; PostgresStore replaces them with COPY and array-parameter statements.
+
+    _UPSERT_RESOURCES = (
+        "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
+        "content_hash, body, created_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {jp}, ?) "
+        "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
+        "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
+        "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body")
+
+    def _upsert_resources(self, tx, values: list[tuple], *, with_history: bool = False) -> bool:
+        """Insert or replace current versions (created_seq is None for rows that exist: not updated).
+        True when the history rows of these versions were written too (only asked when with_history)."""
+        tx.many(self._UPSERT_RESOURCES.format(jp=self.json_param), values)
+        return False
+
+    def _append(self, tx, table: str, columns: tuple[str, ...], values: list[tuple],
+                json_col: int | None = None) -> None:
+        """Plain INSERT of many rows (history, index and outbox rows: no conflict is possible)."""
+        if values:
+            marks = ", ".join(self.json_param if i == json_col else "?" for i in range(len(columns)))
+            tx.many(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", values)
+
+    def _delete_index(self, tx, keys: list[tuple[str, str]]) -> None:
+        for table in ("idx_token", "idx_reference", "idx_date", "idx_string"):
+            tx.many(f"DELETE FROM {table} WHERE resource_type=? AND resource_id=?", keys)
 
     def _insert_index(self, tx, rows: list[PreparedRow]) -> None:
         toks, refs, dates, strs = [], [], [], []
         for r in rows:
             ix = r.index
+            rt, rid = r.resource_type, r.id
             lo, hi = ix.date if ix.date else (None, None)
-            toks += [(r.resource_type, r.id, p, s, v, ix.subject, lo, hi) for p, s, v in ix.tokens]
-            refs += [(r.resource_type, r.id, p, t) for p, t in ix.refs]
-            dates += [(r.resource_type, r.id, p, a, b) for p, a, b in ix.dates]
-            strs += [(r.resource_type, r.id, p, n, e) for p, n, e in ix.strings]
-        if toks:
-            tx.many("INSERT INTO idx_token (resource_type, resource_id, param, system, value, subject, date_low, "
-                    "date_high) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", toks)
-        if refs:
-            tx.many("INSERT INTO idx_reference (resource_type, resource_id, param, target) VALUES (?, ?, ?, ?)",
-                    refs)
-        if dates:
-            tx.many("INSERT INTO idx_date (resource_type, resource_id, param, low, high) VALUES (?, ?, ?, ?, ?)",
-                    dates)
-        if strs:
-            tx.many("INSERT INTO idx_string (resource_type, resource_id, param, norm, exact) "
-                    "VALUES (?, ?, ?, ?, ?)", strs)
+            toks += [(rt, rid, p, s, v, ix.subject, lo, hi) for p, s, v in ix.tokens]
+            refs += [(rt, rid, p, t) for p, t in ix.refs]
+            # the resource's own `date` is resources.date/date_high (searched there): no idx_date row
+            dates += [(rt, rid, p, a, b) for p, a, b in ix.dates if p != "date"]
+            strs += [(rt, rid, p, n, e) for p, n, e in ix.strings]
+        self._append(tx, "idx_token", ("resource_type", "resource_id", "param", "system", "value", "subject",
+                                       "date_low", "date_high"), toks)
+        self._append(tx, "idx_reference", ("resource_type", "resource_id", "param", "target"), refs)
+        self._append(tx, "idx_date", ("resource_type", "resource_id", "param", "low", "high"), dates)
+        self._append(tx, "idx_string", ("resource_type", "resource_id", "param", "norm", "exact"), strs)
 
     def upsert_many(self, resources: list[dict], *, stale_guard: bool = False) -> UpsertCounts:
         if not resources:
             return UpsertCounts()
-        for r in resources:
-            check_resource(r)
+        keys = list(dict.fromkeys(check_resource(r) for r in resources))  # all valid before the transaction
         with self._write_tx() as tx:
-            keys = list({(r["resourceType"], r["id"]) for r in resources})
-            existing = self._existing(tx, keys)
-            counts, rows, versions = plan_upsert(resources, existing, now_instant(), stale_guard=stale_guard)
+            existing = self._existing(tx, keys, lock=False)
+            now = now_instant()
+            counts, rows, versions = plan_upsert(resources, existing, now, stale_guard=stale_guard)
+            changing = [(r.resource_type, r.id) for r in rows if not r.is_new]
+            if changing:
+                # lock the rows about to get a new version (PostgreSQL: FOR UPDATE) so versions never
+                # fork; a redelivered batch (all unchanged) takes no row locks at all
+                locked = self._existing(tx, changing, lock=True)
+                if any(locked.get(k) != existing.get(k) for k in changing):  # changed meanwhile: plan again
+                    existing.update(locked)
+                    counts, rows, versions = plan_upsert(resources, existing, now, stale_guard=stale_guard)
             self._apply(tx, rows, versions)
             return counts
 
