@@ -34,7 +34,7 @@ from tests.integration.smart_flows import (
     backend_services_token,
     new_rsa_jwk,
 )
-from vigil.devservers import free_port
+from vigil.devservers import free_port, start_nats
 from vigil.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -62,8 +62,14 @@ SEED = [
 
 
 @pytest.fixture(scope="module")
-async def gw(nats_url, keycloak, tmp_path_factory):
-    """The gateway, seeded with patients A and B; yields its FHIR base URL."""
+async def gw(keycloak, tmp_path_factory):
+    """The gateway, seeded with patients A and B; yields its FHIR base URL.
+
+    It gets a NATS server of its own: on the session's shared one, a new durable consumer would first
+    copy every earlier test's backlog into this store and slow the REST writes under test.
+    """
+    nats_server = start_nats()
+    nats_url = nats_server.url
     db = f"sqlite:///{tmp_path_factory.mktemp('sec')}/gw.db"
     store = bootstrap.build_store(db)
     store.migrate()
@@ -79,6 +85,7 @@ async def gw(nats_url, keycloak, tmp_path_factory):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    nats_server.stop()
 
 
 @pytest.fixture(scope="module")
