@@ -44,6 +44,32 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def wait_http_ok(url: str, timeout: float, check=lambda: None, interval: float = 0.3) -> None:
+    """Poll `url` until it answers 200; `check()` runs each round (e.g. raises if a child died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout}s")
+        time.sleep(interval)
+
+
+def wait_port_open(port: int, timeout: float, check=lambda: None) -> None:
+    """Wait until something listens on loopback `port`; `check()` runs each round."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        try:
+            wait_for_port(port, 0.5)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
 class Server:
     """A started server process: `url`, `stop()`, usable as a context manager."""
 

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 from vigil import devservers
 
@@ -114,30 +113,6 @@ def _service_env(env: dict[str, str], offset: int) -> dict[str, str]:
     return out
 
 
-def _wait_http(url: str, sup: Supervisor, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        sup.check()
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
-            if r.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not ready after {timeout}s")
-        time.sleep(0.3)
-
-
-def _wait_port(port: int, sup: Supervisor, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        sup.check()
-        try:
-            devservers.wait_for_port(port, 0.5)
-            return
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-
-
 def _ensure_model(env: dict[str, str], dataset: str | None, sup: Supervisor) -> None:
     """Train a model into the BentoML store when none is there yet (first start)."""
     probe = subprocess.run(
@@ -199,12 +174,12 @@ def cmd_up(args) -> int:
         sup.spawn("model", ["serve-model", "--host", "127.0.0.1", "--port", str(model_port)],
                   _without_metrics_port(env))
         sup.spawn("gateway", ["gateway"], _service_env(env, 0))
-        _wait_http(f"http://127.0.0.1:{model_port}/readyz", sup, 180)
+        devservers.wait_http_ok(f"http://127.0.0.1:{model_port}/readyz", 180, sup.check)
         sup.spawn("worker", ["worker"], _service_env(env, 2))
         sup.spawn("ingest", ["ingest"], _service_env(env, 1))
         fhir_base = f"http://{args.http_host}:{args.http_port}/fhir"
-        _wait_http(f"http://{args.http_host}:{args.http_port}/healthz", sup, 60)
-        _wait_port(grpc_port, sup, 60)
+        devservers.wait_http_ok(f"http://{args.http_host}:{args.http_port}/healthz", 60, sup.check)
+        devservers.wait_port_open(grpc_port, 60, sup.check)
         print(f"vigil: FHIR base URL  {fhir_base}", flush=True)
         print(f"vigil: gRPC ingest    {args.grpc_listen}", flush=True)
         print(f"vigil: NATS           {nats.url}   logs in {log_dir}", flush=True)

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 from vigil import devservers
 
@@ -92,26 +91,10 @@ class Services:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; log tail:\n{tail}")
 
     def wait_http(self, url: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check()
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not ready after {timeout}s")
-            time.sleep(0.2)
+        devservers.wait_http_ok(url, timeout, self.check, interval=0.2)
 
     def wait_port(self, port: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check()
-            try:
-                devservers.wait_for_port(port, 0.5)
-                return
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
+        devservers.wait_port_open(port, timeout, self.check)
 
     def record_memory(self) -> None:
         for name, proc, _ in self.procs:
