@@ -301,3 +301,14 @@ def test_vigil_train_without_limit_stores_a_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                          check=True)
     assert out.stdout.split()[-1] == "all"
+
+
+def test_bentoml_refuses_a_matrix_of_the_wrong_width(model_server):
+    """Both predict endpoints answer 400, naming the expected width, instead of scoring garbage."""
+    import httpx
+
+    n = len(F.feature_names())
+    for endpoint in ("predict", "predict_explain"):
+        r = httpx.post(f"{model_server}/{endpoint}", json={"features": [[0.0] * (n - 1)]}, timeout=30)
+        assert r.status_code == 400, (endpoint, r.status_code, r.text)
+        assert f"rows x {n}" in r.text

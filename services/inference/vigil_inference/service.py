@@ -39,23 +39,23 @@ class SepsisRisk:
         """/readyz is 200 only once the model is loaded (BentoML's readiness hook)."""
         return getattr(self, "model", None) is not None
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Sepsis probability per feature row (rows x len(feature_names))."""
+    def _matrix(self, features) -> np.ndarray:
+        """The request as a float matrix, refused unless it is rows x len(feature_names)."""
         x = _to_matrix(features)
         if x.ndim != 2 or x.shape[1] != len(self.model.feature_names):
             raise bentoml.exceptions.InvalidArgument(
                 f"features must be rows x {len(self.model.feature_names)}, got {x.shape}")
-        return self.model.predict(x)
+        return x
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Sepsis probability per feature row (rows x len(feature_names))."""
+        return self.model.predict(self._matrix(features))
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict_explain(self, features: np.ndarray) -> np.ndarray:
         """rows x (1 + 2 TOP_K): probability, then (feature index, SHAP contribution) pairs."""
-        x = _to_matrix(features)
-        if x.ndim != 2 or x.shape[1] != len(self.model.feature_names):
-            raise bentoml.exceptions.InvalidArgument(
-                f"features must be rows x {len(self.model.feature_names)}, got {x.shape}")
-        return self.model.predict_explain(x)
+        return self.model.predict_explain(self._matrix(features))
 
     @bentoml.api
     def metadata(self) -> dict:
