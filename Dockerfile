@@ -11,9 +11,27 @@
 # See docs/operations.md, "Image".
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The ingest service's native fast path (Rust, services/ingest/native) is compiled in the stage "native";
+# --build-arg VIGIL_NATIVE=0 leaves it out (the ingest service then runs its pure-Python path). The Rust
+# image must have the C library of PYTHON_IMAGE (both Debian bookworm here).
+ARG RUST_IMAGE=rust:1-slim-bookworm
 
 # The data set, replaced by `--build-context data=<folder>`; empty by default.
 FROM scratch AS data
+
+# --- native: the ingest service's fast path, an abi3 extension module (no Python needed to build it) ---
+FROM ${RUST_IMAGE} AS native
+ARG VIGIL_NATIVE=1
+WORKDIR /src
+COPY services/ingest/native ./
+RUN mkdir -p /out \
+ && if [ "$VIGIL_NATIVE" = 1 ]; then \
+      cargo build --release --locked \
+      && cp target/release/lib_native.so /out/_native.abi3.so \
+      && rm -rf target; \
+    else \
+      echo "native: left out (VIGIL_NATIVE=$VIGIL_NATIVE): the ingest service runs its Python path"; \
+    fi
 
 # --- builder: wheels for the project and its dependencies, installed into a venv ----------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -26,12 +44,15 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY vigil ./vigil
 COPY services ./services
+# _native.abi3.so when built (an empty folder otherwise); the wheel takes it as an artifact (pyproject.toml).
+COPY --from=native /out/ ./services/ingest/vigil_ingest/
 # DL3013: `vigil` is installed only from the wheels built on the line before (--no-index).
 # hadolint ignore=DL3013
 RUN pip wheel --wheel-dir /wheels . \
  && pip install --no-index --find-links /wheels vigil \
  && rm -rf /wheels \
- && vigil --help >/dev/null
+ && vigil --help >/dev/null \
+ && python -c "from vigil_ingest import native; print('ingest fast path:', 'native' if native.load() else 'Python')"
 
 # --- model: train the XGBoost model into a BentoML store at /opt/vigil/bentoml ------------------------
 FROM builder AS model

@@ -1,8 +1,14 @@
 # One command per chore. The README's two commands are `make run` and `make test`.
-.PHONY: setup run test test-unit protos protos-check lint bench clean
+.PHONY: setup native run test test-unit protos protos-check lint bench clean
 
 setup:
 	bash scripts/setup.sh
+	bash scripts/build-native.sh --if-available
+
+# The ingest service's native (Rust) fast path; needs cargo (https://rustup.rs). Without it the
+# pure-Python path runs (setup only warns).
+native:
+	bash scripts/build-native.sh
 
 run: setup
 	.venv/bin/vigil up --demo

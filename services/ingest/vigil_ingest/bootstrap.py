@@ -150,9 +150,9 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
     srv = IngestServer(server=server, port=port, health=health_servicer, servicer=servicer, nc=nc)
     holder["srv"] = srv
     await srv.set_serving(nc is None or nc.is_connected)
-    log.info("vigil ingest listening on %s (port %d, %s, auth %s)", settings.grpc_listen, port,
+    log.info("vigil ingest listening on %s (port %d, %s, auth %s, %s mapper)", settings.grpc_listen, port,
              "mTLS" if settings.grpc_tls_client_ca else "TLS" if creds else "plaintext",
-             "on" if settings.auth_enabled else "OFF")
+             "on" if settings.auth_enabled else "OFF", "native" if servicer.fast is not None else "Python")
     return srv
 
 

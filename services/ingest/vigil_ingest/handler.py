@@ -55,7 +55,7 @@ def resolve_patient(batch: ingest_pb2.ReadingBatch, record, *, batch_index: int 
     single = bindings[0] if len(bindings) == 1 else None
     for i, r in enumerate(batch.readings):
         ts = r.effective_time
-        t = ts.seconds + ts.nanos * 1e-9
+        t = ts.seconds + ts.nanos / 1e9 if ts.nanos else float(ts.seconds)  # as reading_tuples and the native scan
         if t <= 0:
             continue  # reported by map_batch as a missing effective_time
         if single is not None and single[1] <= t and (single[2] is None or t < single[2]):

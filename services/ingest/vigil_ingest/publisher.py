@@ -9,7 +9,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from vigil import bus, tracing
+from vigil import bus, telemetry, tracing
 
 
 class PublishUnavailable(Exception):
@@ -53,19 +53,22 @@ class JetStreamPublisher:
     async def publish_batch(self, subject: str, body: bytes, msg_id: str,
                             *, timeout: float | None = None) -> tuple[bool, bool]:
         timeout = self.timeout if timeout is None else max(0.001, min(timeout, self.timeout))
+        if not telemetry.tracing_enabled():
+            return await self._publish(subject, body, msg_id, timeout, {bus.MSG_ID: msg_id})
         # PRODUCER span (messaging conventions) around publish + PubAck; its W3C context travels in
         # the message headers next to Nats-Msg-Id.
         with tracing.publish_span(subject):
-            return await self._publish(subject, body, msg_id, timeout)
+            return await self._publish(subject, body, msg_id, timeout, tracing.inject({bus.MSG_ID: msg_id}))
 
-    async def _publish(self, subject: str, body: bytes, msg_id: str, timeout: float) -> tuple[bool, bool]:
+    async def _publish(self, subject: str, body: bytes, msg_id: str, timeout: float,
+                       headers: dict[str, str]) -> tuple[bool, bool]:
         import nats.errors
         import nats.js.errors
 
         try:
             # publish_async only waits for a free pending slot (bounded by wait_stall) and the socket
             # write buffer; the PubAck wait below is the one bounded by `timeout`.
-            fut = await self._js.publish_async(subject, body, headers=tracing.inject({bus.MSG_ID: msg_id}),
+            fut = await self._js.publish_async(subject, body, headers=headers,
                                                stream=self._stream, wait_stall=min(self._max_stall, timeout))
         except nats.js.errors.TooManyStalledMsgsError as e:
             raise PublishUnavailable(f"NATS JetStream: too many publishes awaiting acknowledgement "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,12 +22,12 @@ from grpc_status import rpc_status
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from vigil import telemetry, tracing
+from vigil import bus, telemetry, tracing
 from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from vigil.ids import is_fhir_id
 from vigil.observation import Violation
-from vigil_ingest import auth
+from vigil_ingest import auth, native
 from vigil_ingest.handler import (
     BatchRejected,
     BindingRefused,
@@ -50,6 +51,7 @@ log = logging.getLogger("vigil.ingest")
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 _END = object()
+_DEFAULT = object()
 
 
 def bad_request_status(err: BatchRejected, *, acked: int | None = None) -> status_pb2.Status:
@@ -114,33 +116,57 @@ def registry_error_status(err: RegistryError) -> status_pb2.Status:
 
 class ByteBudget:
     """At most `limit` bytes of encoded batches held at once, server-wide (a batch larger than the
-    whole budget waits until it is alone)."""
+    whole budget waits until it is alone). Taking budget that is free does not suspend."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
         self._cond = asyncio.Condition()
+        self._waiting = 0
 
     async def acquire(self, n: int) -> int:
         n = min(n, self.limit)
+        if not self._waiting and self.used + n <= self.limit:
+            self.used += n  # no await between the check and the update: atomic on the event loop
+            return n
         async with self._cond:
-            await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            finally:
+                self._waiting -= 1
             self.used += n
         return n
 
     async def release(self, n: int) -> None:
-        async with self._cond:
-            self.used -= n
-            self._cond.notify_all()
+        self.used -= n
+        if self._waiting:
+            async with self._cond:
+                self._cond.notify_all()
+
+
+@dataclass(frozen=True, slots=True)
+class RawRequest:
+    """A StreamReadingsRequest as received: the wire bytes (for the native mapper) and the parsed message."""
+
+    raw: bytes
+    message: ingest_pb2.StreamReadingsRequest
+
+    @classmethod
+    def parse(cls, data: bytes) -> RawRequest:
+        return cls(data, ingest_pb2.StreamReadingsRequest.FromString(data))
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, publisher: Publisher, *, catalogue: Catalogue | None = None,
                  stream_window: int = 64, max_inflight: int = 4096, max_inflight_bytes: int = 256 << 20,
-                 publish_timeout: float = 5.0, registry: Registry | None = None):
+                 publish_timeout: float = 5.0, registry: Registry | None = None, fast_mapper=_DEFAULT):
         self.publisher = publisher
         self.registry = registry if registry is not None else Registry(MemoryStore())
         self.catalogue = catalogue or load_catalogue()
+        # The native mapper (vigil_ingest.native) takes the common all-valid batch; anything else, and
+        # every refusal with its precise violations, goes through the Python reference path.
+        self.fast = native.load(self.catalogue) if fast_mapper is _DEFAULT else fast_mapper
         self.stream_window = stream_window
         self.publish_timeout = publish_timeout
         self._inflight = asyncio.Semaphore(max_inflight)
@@ -170,6 +196,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """One span per batch. A StreamReadings stream may live for hours: each of its batches starts
         its own trace (a SERVER span linked to the stream's RPC span) so a trace is one batch's journey;
         an UploadReadings batch is a child of its RPC span."""
+        if not telemetry.tracing_enabled():
+            return contextlib.nullcontext(None)
         attrs = {"vigil.device.id": prepared.device_id, "vigil.batch.readings": prepared.count,
                  "vigil.batch.first_sequence": prepared.first_sequence}
         if not streamed:
@@ -185,7 +213,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         try:
             with self._batch_span(prepared, streamed) as span:
                 ack = await publish_prepared(prepared, self.publisher, timeout=self._timeout(context))
-                span.set_attribute("vigil.batch.duplicate", ack.duplicate)
+                if span is not None:
+                    span.set_attribute("vigil.batch.duplicate", ack.duplicate)
         finally:
             self._inflight.release()
             await self._bytes.release(reserved)
@@ -207,12 +236,21 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return rec
 
     async def _prepare(self, batch: ingest_pb2.ReadingBatch, vendor: str | None,
-                       batch_index: int | None = None) -> PreparedBatch:
+                       batch_index: int | None = None, *, raw: bytes | None = None,
+                       wrapped: bool = False) -> PreparedBatch:
         """Resolve the patient from the device's binding, then validate and map. Raises BatchRejected,
-        BindingRefused, NotOwner or RegistryUnavailable."""
+        BindingRefused, NotOwner or RegistryUnavailable.
+
+        `raw` (the batch's wire bytes; with `wrapped`, a StreamReadingsRequest's) lets the native
+        mapper take the batch when it is valid and one binding covers all its readings.
+        """
         if not is_fhir_id(batch.device_id):
             raise BatchRejected([Violation("device_id", "must match [A-Za-z0-9-.]{1,64}")], batch_index=batch_index)
         rec = await self._record(batch, vendor)
+        if raw is not None and self.fast is not None and rec is not None:
+            prepared = self._prepare_native(raw, wrapped, rec, batch.patient_id)
+            if prepared is not None:
+                return prepared
         try:
             patient = resolve_patient(batch, rec, batch_index=batch_index)
         except BindingRefused:
@@ -220,6 +258,24 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             rec = await self._record(batch, vendor, refresh=True)
             patient = resolve_patient(batch, rec, batch_index=batch_index)
         return prepare_batch(batch, self.catalogue, batch_index=batch_index, patient_id=patient)
+
+    def _prepare_native(self, raw: bytes, wrapped: bool, rec: DeviceRecord, batch_patient: str
+                        ) -> PreparedBatch | None:
+        """The native fast path, or None (then the Python path decides, with its precise errors)."""
+        scanned = self.fast.scan(raw, wrapped)
+        if scanned is None:
+            return None
+        device_id, _patient_field, _count, t_min, t_max = scanned
+        patient = covering_patient(rec, t_min, t_max)
+        if patient is None or (batch_patient and batch_patient != patient):
+            return None
+        out = self.fast.prepare(raw, patient, wrapped)
+        if out is None:
+            return None
+        body, msg_id, first, last, count, last_effective = out
+        return PreparedBatch(subject=bus.observation_subject(patient), body=body, msg_id=msg_id,
+                             device_id=device_id, first_sequence=first, last_sequence=last, count=count,
+                             patient_id=patient, last_effective=last_effective)
 
     @staticmethod
     async def _abort_refusal(context, err: Exception, acked: int | None = None):
@@ -247,8 +303,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         async def reader():
             try:
                 async for req in request_iterator:
+                    raw = None
+                    if isinstance(req, RawRequest):  # as build_server registers the method
+                        raw, req = req.raw, req.message
                     try:
-                        prepared = await self._prepare(req.batch, vendor)
+                        prepared = await self._prepare(req.batch, vendor, raw=raw, wrapped=True)
                     except (BatchRejected, BindingRefused, RegistryError) as e:
                         await queue.put(e)
                         return
@@ -300,7 +359,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         prepared, violations, preconditions = [], [], []
         for i, batch in enumerate(request.batches):  # validate every batch before publishing any
             try:
-                prepared.append(await self._prepare(batch, vendor, batch_index=i))
+                prepared.append(await self._prepare(batch, vendor, batch_index=i,
+                                                    raw=batch.SerializeToString() if self.fast else None))
             except BatchRejected as e:
                 violations += [Violation(f"batches[{i}].{v.field}", v.description) for v in e.violations]
             except BindingRefused as e:
@@ -329,6 +389,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if isinstance(r, BaseException):
                 raise r
         return ingest_pb2.UploadReadingsResponse(acks=results)
+
+
+def covering_patient(rec: DeviceRecord, t_min: float, t_max: float) -> str | None:
+    """The patient of the one binding that covers [t_min, t_max], or None (bindings never overlap)."""
+    for patient, start, end in rec.bindings:
+        if start <= t_min and (end is None or t_max < end):
+            return patient
+    return None
 
 
 def _ts(epoch: float | None) -> Timestamp | None:
@@ -424,7 +492,16 @@ def build_server(servicer: IngestServicer, *, max_concurrent_rpcs: int | None = 
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
     ])
-    ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)
+    handlers = {  # as the generated add_IngestServiceServicer_to_server, but StreamReadings keeps the wire bytes
+        "StreamReadings": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamReadings, request_deserializer=RawRequest.parse,
+            response_serializer=ingest_pb2.StreamReadingsResponse.SerializeToString),
+        "UploadReadings": grpc.unary_unary_rpc_method_handler(
+            servicer.UploadReadings, request_deserializer=ingest_pb2.UploadReadingsRequest.FromString,
+            response_serializer=ingest_pb2.UploadReadingsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(servicer.registry), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
