@@ -245,23 +245,6 @@ def device_resource(rec: DeviceRecord, health: dict | None = None) -> dict:
     return dev
 
 
-def device_metric_resources(rec: DeviceRecord, health: dict) -> list[dict]:
-    """FHIR R4 DeviceMetric (https://hl7.org/fhir/R4/devicemetric.html) per reported quantity."""
-    out = []
-    if health.get("battery_percent") is not None:
-        out.append({
-            "resourceType": "DeviceMetric", "id": f"{rec.device_id}.battery",
-            "type": {"coding": [{"system": codes.MDC, "code": "68224", "display": "MDC_ATTR_VAL_BATT_CHARGE"}],
-                     "text": "Battery charge"},
-            "unit": {"coding": [{"system": codes.UCUM, "code": "%"}]},
-            "source": {"reference": f"Device/{rec.device_id}"},
-            "operationalStatus": "on", "category": "measurement",
-            "calibration": [],
-        })
-        del out[-1]["calibration"]
-    return out
-
-
 @dataclass
 class Health:
     last_seen: float = 0.0
