@@ -2,7 +2,10 @@
 
 Every message body is a FHIR R4 Bundle of type `collection` (https://hl7.org/fhir/R4/bundle.html)
 serialized with orjson; `Nats-Msg-Id` makes JetStream drop a republished duplicate within the
-stream's duplicate window.
+stream's duplicate window. A body larger than COMPRESS_MIN_BYTES may be stored as one zstd frame
+(`wire_body`): FHIR JSON shrinks about 18x, which cuts NATS's CPU, disk and network per reading by as
+much. Bodies describe themselves (a zstd frame starts with ZSTD_MAGIC, JSON never does), so
+`decode_bundle` reads both and a consumer never needs to know how a producer was configured.
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ EHR_STREAM = "VIGIL_EHR"
 EHR_SUBJECTS = "vigil.v1.ehr.>"
 
 DUPLICATE_WINDOW_SECONDS = 600.0
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+COMPRESS_MIN_BYTES = 2048  # one-reading bodies (~0.9 KB) stay plain JSON: not worth a frame
+MAX_BODY_BYTES = 64 << 20  # decoded size refused beyond this (a corrupt or hostile frame)
+COMPRESSIONS = ("zstd", "none")
 CONTENT_TYPE = "application/fhir+json"
 MSG_ID = "Nats-Msg-Id"
 
@@ -47,8 +54,53 @@ def encode_bundle(resources: list[dict]) -> bytes:
                          "entry": [{"resource": r} for r in resources]})
 
 
+_zstd: dict[str, object] = {}
+
+
+def _codec(kind: str):
+    c = _zstd.get(kind)
+    if c is None:
+        import zstandard
+
+        c = _zstd[kind] = (zstandard.ZstdCompressor(level=1, write_checksum=True) if kind == "c"
+                           else zstandard.ZstdDecompressor())
+    return c
+
+
+def check_compression(compression: str) -> str:
+    """`compression` if it is one of COMPRESSIONS (VIGIL_BUS_COMPRESSION), else ValueError."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"VIGIL_BUS_COMPRESSION must be one of {COMPRESSIONS}, not {compression!r}")
+    return compression
+
+
+def wire_body(body: bytes, compression: str = "zstd") -> bytes:
+    """The body as stored on the bus: a zstd frame (level 1, content size and checksum) when
+    `compression` is "zstd" and the body is at least COMPRESS_MIN_BYTES, else the body itself."""
+    if compression == "none" or len(body) < COMPRESS_MIN_BYTES:
+        return body
+    check_compression(compression)
+    return _codec("c").compress(body)
+
+
+def plain_body(data: bytes) -> bytes:
+    """The JSON of a bus body, whether it was stored compressed or not."""
+    if data[:4] != ZSTD_MAGIC:
+        return data
+    import zstandard
+
+    try:
+        params = zstandard.get_frame_parameters(data)
+        if not 0 < params.content_size <= MAX_BODY_BYTES:
+            raise ValueError(f"bus message: zstd frame of {params.content_size} bytes "
+                             f"(no content size, or more than {MAX_BODY_BYTES})")
+        return _codec("d").decompress(data, max_output_size=MAX_BODY_BYTES)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"bus message: corrupt zstd frame: {e}") from e
+
+
 def decode_bundle(data: bytes) -> list[dict]:
-    doc = orjson.loads(data)
+    doc = orjson.loads(plain_body(data))
     if doc.get("resourceType") != "Bundle":
         raise ValueError("bus message is not a FHIR Bundle")
     return [e["resource"] for e in doc.get("entry", [])]

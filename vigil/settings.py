@@ -32,6 +32,7 @@ class Settings:
     score_interval_seconds: int = 3600
     worker_name: str = "vigil-inference"
     stream_replicas: int = 1  # JetStream replicas per stream (3 on a 3-node cluster)
+    bus_compression: str = "zstd"  # Observation bodies on the bus: zstd (about 18x smaller) or none
     gateway_consumer_name: str = "vigil-gateway"
     # Device ingest API: token audience, and optional TLS (PEM files); with a client CA, mTLS is required.
     ingest_audience: str = "vigil-ingest"

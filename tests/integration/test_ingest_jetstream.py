@@ -166,3 +166,35 @@ async def test_replay_three_stays_from_the_dataset(ingest):
     assert again.duplicates == again.batches  # a replay is idempotent
     for stem, (batches, _) in expected.items():
         assert await count(js, bus.observation_subject(prefix + stem)) == batches
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+async def test_large_batches_are_stored_as_zstd_frames_unless_turned_off(nats_url, compression):
+    """VIGIL_BUS_COMPRESSION: a 100-reading Bundle is stored as one zstd frame (about 18x smaller)
+    or as plain JSON; bus.decode_bundle reads both to the same Observations."""
+    srv = await bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats_url, bus_compression=compression))
+    nc = await nats.connect(nats_url)
+    try:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            device, patient = uid("mon"), uid("pt")
+            await bind(ch, device, patient)
+            b = batch(device, patient, 1, n=100)
+            acks = [r.ack async for r in ingest_pb2_grpc.IngestServiceStub(ch).StreamReadings(
+                iter([ingest_pb2.StreamReadingsRequest(batch=b)]))]
+            assert acks[0].reading_count == 100
+            msg = await nc.jetstream().get_last_msg(bus.OBSERVATIONS_STREAM, bus.observation_subject(patient))
+            obs = bus.decode_bundle(msg.data)
+            assert [o["identifier"][0]["value"] for o in obs] == [f"{device}/{i}" for i in range(1, 101)]
+            plain = bus.plain_body(msg.data)
+            if compression == "zstd":
+                assert msg.data[:4] == bus.ZSTD_MAGIC and len(msg.data) * 8 < len(plain)
+            else:
+                assert msg.data == plain and msg.data.startswith(b"{")
+    finally:
+        await nc.close()
+        await srv.stop(0)
+
+
+async def test_unknown_bus_compression_stops_the_start(nats_url):
+    with pytest.raises(ValueError, match="VIGIL_BUS_COMPRESSION"):
+        await bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats_url, bus_compression="gzip"))

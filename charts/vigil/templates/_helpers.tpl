@@ -98,6 +98,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: VIGIL_STREAM_REPLICAS
   value: {{ .Values.bus.streamReplicas | quote }}
+- name: VIGIL_BUS_COMPRESSION
+  value: {{ .Values.bus.compression | default "zstd" | quote }}
 {{- end }}
 
 {{- define "vigil.oidcEnv" -}}

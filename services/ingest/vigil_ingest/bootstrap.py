@@ -86,6 +86,7 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
     Health is SERVING once NATS is connected (or at once with an injected publisher) and turns
     NOT_SERVING while the NATS connection is down.
     """
+    bus.check_compression(settings.bus_compression)  # a bad setting stops the start before any connection
     nc = None
     holder: dict = {}
 
@@ -113,7 +114,7 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
                                 error_cb=error_cb, connect_timeout=5)
         js = nc.jetstream(publish_async_max_pending=max_inflight)
         await bus.ensure_streams(js, replicas=settings.stream_replicas)
-        publisher = JetStreamPublisher(js, timeout=publish_timeout)
+        publisher = JetStreamPublisher(js, timeout=publish_timeout, compression=settings.bus_compression)
         if registry is None:
             async def emit(subject: str, body: bytes, msg_id: str) -> None:
                 await js.publish(subject, body, headers={bus.MSG_ID: msg_id}, stream=bus.EHR_STREAM,

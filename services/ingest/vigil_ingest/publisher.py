@@ -36,8 +36,9 @@ class JetStreamPublisher:
     """
 
     def __init__(self, js, *, timeout: float = 5.0, stream: str = bus.OBSERVATIONS_STREAM,
-                 max_pending: float = 2.0):
+                 max_pending: float = 2.0, compression: str = "zstd"):
         self._js = js
+        self.compression = bus.check_compression(compression)
         self.timeout = timeout
         self._stream = stream
         self._max_stall = max_pending  # seconds to wait for a free publish_async slot
@@ -53,6 +54,7 @@ class JetStreamPublisher:
     async def publish_batch(self, subject: str, body: bytes, msg_id: str,
                             *, timeout: float | None = None) -> tuple[bool, bool]:
         timeout = self.timeout if timeout is None else max(0.001, min(timeout, self.timeout))
+        body = bus.wire_body(body, self.compression)
         if not telemetry.tracing_enabled():
             return await self._publish(subject, body, msg_id, timeout, {bus.MSG_ID: msg_id})
         # PRODUCER span (messaging conventions) around publish + PubAck; its W3C context travels in
