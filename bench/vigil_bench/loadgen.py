@@ -161,7 +161,10 @@ def _client_main(target: str, method: str, spec: dict, proc_no: int, barrier, q)
         payloads = _payloads(spec, proc_no)
         barrier.wait(120)
         spec = {**spec, "start_at": time.time() + 0.05}
-        q.put(asyncio.run(_drive(target, method, payloads, spec)))
+        cpu0 = time.process_time()
+        out = asyncio.run(_drive(target, method, payloads, spec))
+        out["cpu_seconds"] = time.process_time() - cpu0  # the load generator's own cost, payloads excluded
+        q.put(out)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         q.put({"error": repr(exc)})
 
@@ -226,6 +229,7 @@ def run_grpc_clients(target: str, method: str, spec: dict, timeout: float = 300)
     return {"readings": readings, "messages": acks, "errors": sum(r["errors"] for r in results),
             "first_error": first[0] if first else None,
             "seconds": elapsed, "wall_seconds": wall, "readings_per_s": readings / elapsed if elapsed else 0.0,
+            "client_cpu_cores": round(sum(r.get("cpu_seconds", 0.0) for r in results) / elapsed, 3) if elapsed else None,
             "messages_per_s": acks / elapsed if elapsed else 0.0,
             "ack_latency_ms": percentiles(lat * 1000)}
 
