@@ -1,7 +1,7 @@
 """`vigil bench`: start the real servers, run each scenario, write results JSON + a Markdown table.
 
     vigil bench --quick                # < 3 minutes, for regular use
-    vigil bench --full [--long]        # 1M Observations for FHIR reads (10M with --long)
+    vigil bench --full [--long]        # 1M Observations for FHIR reads (10M, bulk-loaded, with --long)
     vigil bench --tiny --out /tmp/b    # seconds; only proves the harness works (used by the test)
     vigil bench --compare OLD.json NEW.json
 """
@@ -49,7 +49,15 @@ def add_commands(subparsers) -> None:
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="bigger, longer runs")
     mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
                       help="seconds; checks the harness, not the speed")
-    p.add_argument("--long", action="store_true", help="FHIR reads at 10M Observations (slow to load)")
+    p.add_argument("--long", action="store_true",
+                   help="FHIR reads at 10M Observations, bulk-loaded (vigil_bench.bulk_load; ~60 GB on PostgreSQL)")
+    p.add_argument("--no-history", action="store_true",
+                   help="--long: leave resource_history empty (a quarter less disk; no search reads it)")
+    p.add_argument("--fhir-stores", default="postgresql,sqlite", help="stores for fhir_reads (default %(default)s)")
+    p.add_argument("--fhir-reuse", metavar="URL",
+                   help="fhir_reads on a store already filled by `python -m vigil_bench.bulk_load` (no load); "
+                        "needs --fhir-plan")
+    p.add_argument("--fhir-plan", metavar="JSON", help="the JSON bulk_load printed for the --fhir-reuse store")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder (default %(default)s)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (ceilings always run)")
@@ -130,9 +138,21 @@ def evaluate_targets(results: dict, long: bool) -> list[dict]:
         if value is not None:
             row["met"] = bool(value >= thr) if op == ">=" else bool(value < thr)
         if note == "scale":
-            n = (s.get("params") or {}).get("observations")
+            params = s.get("params") or {}
+            n = params.get("observations")
             row["at_target_scale"] = bool(n and n >= 10_000_000)
             row["note"] = f"measured at {n:,} Observations" if n else "not measured"
+            if n:
+                bulk = ((params.get("bulk_load") or {}).get("result") or {})
+                if bulk.get("history") is False:
+                    row["note"] += " (bulk load, resource_history left empty)"
+                metrics = s.get("metrics") or {}
+                p50, p99 = (metrics.get(f"{met[:-6]}p{k}_ms", {}).get("value") for k in (50, 99))
+                if p50 is not None and p99 is not None:
+                    row["note"] += f"; p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+                la = ((s.get("queries") or {}).get(met[:-7]) or {}).get("load_average")
+                if la:
+                    row["note"] += f"; load average {la[0][0]:.1f} -> {la[1][0]:.1f}"
         if s.get("status") != "ok" and value is None:
             row["note"] = f"scenario {s.get('status', 'not run')}: {s.get('reason', '')}"[:300]
         out.append(row)
@@ -217,6 +237,9 @@ def cmd_bench(args) -> int:
     if unknown:
         print(f"vigil bench: unknown scenarios {sorted(unknown)}", file=sys.stderr)
         return 2
+    if bool(args.fhir_reuse) != bool(args.fhir_plan):
+        print("vigil bench: --fhir-reuse and --fhir-plan go together", file=sys.stderr)
+        return 2
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
@@ -263,7 +286,14 @@ def cmd_bench(args) -> int:
                         results["scenarios"][s] = {"status": "error", "reason": repr(exc)[:1000], "metrics": {}}
         if "fhir_reads" in want:
             say("fhir reads")
-            results["scenarios"].update(S.run_fhir_reads(cfg, env, log_dir, memory, ceil, http_tool, pg, args.long))
+            stores = tuple(x.strip() for x in args.fhir_stores.split(",") if x.strip())
+            reuse = None
+            if args.fhir_reuse:
+                kind = "sqlite" if args.fhir_reuse.startswith("sqlite:") else "postgresql"
+                reuse = {kind: args.fhir_reuse, "plan": json.loads(pathlib.Path(args.fhir_plan).read_text())}
+                stores = (kind,)
+            results["scenarios"].update(S.run_fhir_reads(cfg, env, log_dir, memory, ceil, http_tool, pg, args.long,
+                                                         stores=stores, history=not args.no_history, reuse=reuse))
         for s in ("ingest", "pipeline", "inference", "fhir_reads_postgresql", "fhir_reads_sqlite"):
             base = "fhir_reads" if s.startswith("fhir_reads") else s
             if base not in want:

@@ -13,7 +13,8 @@ import pytest
 pytestmark = [pytest.mark.integration]
 
 SCENARIOS = {"ingest", "pipeline", "inference", "fhir_reads_postgresql", "fhir_reads_sqlite"}
-CEILINGS = {"grpc_stream_batched", "grpc_stream_single", "jetstream_publish_batched", "jetstream_publish_single",
+CEILINGS = {"grpc_stream_batched", "grpc_stream_single", "jetstream_publish_batched", "jetstream_publish_batched_zstd",
+            "jetstream_publish_single",
             "postgres_copy", "xgboost_predict", "fastapi_get"}
 STATUSES = {"ok", "partial", "skipped", "error"}
 

@@ -30,7 +30,7 @@ def test_url_parsing_and_parent_dir(tmp_path):
     store.close()
     # reopening keeps data and the schema version
     store = build_store(f"sqlite:///{tmp_path}/a/b/c.db")
-    assert store.migrate() == 2
+    assert store.migrate() == 3
     store.close()
 
 
@@ -50,13 +50,18 @@ def test_searches_use_indexes(tmp_path):
     store.migrate()
     conn = sqlite3.connect(f"{tmp_path}/g.db")
 
-    def plan(items):
-        sql, args = store.search_sql(parse_search("Observation", items).query)
+    def plan(items, which=store.search_sql):
+        sql, args = which(parse_search("Observation", items).query)
         return " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
 
-    hot = plan([("subject", "p1"), ("code", "http://loinc.org|8867-4"), ("date", "ge2026-01-01"),
-                ("_count", "100")])
+    hot_items = [("subject", "p1"), ("code", "http://loinc.org|8867-4"), ("date", "ge2026-01-01"), ("_count", "100")]
+    hot = plan(hot_items)
     assert "idx_token_subject" in hot and "SCAN" not in hot and "TEMP B-TREE" not in hot, hot
+    # migration 0003: the index covers the token side (date_low included): no idx_token row is read
+    assert "COVERING INDEX idx_token_subject" in hot, hot
+    # the total is counted on idx_token alone
+    total = plan(hot_items, store.count_sql)
+    assert total.startswith("SEARCH t USING COVERING INDEX idx_token_subject") and " r " not in total, total
     by_subject = plan([("subject", "p1")])
     assert "resources_by_subject_date" in by_subject and "SCAN" not in by_subject, by_subject
     conn.close()

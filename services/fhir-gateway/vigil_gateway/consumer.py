@@ -4,12 +4,19 @@ VIGIL_EHR carries Device (from ingest) and Patient/Encounter (published by this 
 replica after a REST write); those are stored with the stale guard: a message whose meta.versionId
 is not above the stored version is an echo of a write already stored, so it never adds a version.
 
-Each fetch (up to `batch` messages) is decoded (bodies are FHIR Bundles of type collection, see
-vigil.bus), stored with one `upsert_many` call (one transaction), and only then acknowledged, so a
-message is never acked before its resources are committed. Redelivery after a crash is harmless:
-unchanged content creates no new version. A malformed message is logged and terminated (`term`) so
-it cannot poison-loop; if a batch fails in the store, its messages are retried one by one so a single
-unstorable message is terminated and the rest stored, while a database outage naks for redelivery.
+Each fetch (up to `batch` messages) is decoded off the event loop (bodies are FHIR Bundles of type
+collection, see vigil.bus), then stored in transactions of whole messages holding at most
+`max_tx_resources` resources (one `upsert_many(..., bulk=True)` call each); a transaction's messages
+are acknowledged as soon as it commits, so a message is never acked before its resources are
+committed. Redelivery after a crash is harmless: unchanged content creates no new version. A
+malformed message is logged and terminated (`term`) so it cannot poison-loop; if a transaction fails
+in the store, its messages are retried one by one so a single unstorable message is terminated and
+the rest stored, while a database outage naks for redelivery.
+
+Fairness: while the consumer catches up a backlog (a fetch can hold 500 messages of 100 readings),
+REST writes must not wait for it. Short transactions plus the store's WriteGate (bus batches are
+`bulk`: they start only when no REST/outbox/audit write is waiting) bound a REST write's wait to one
+short bus transaction; decoding in a worker thread keeps the event loop (HTTP) responsive.
 """
 from __future__ import annotations
 
@@ -58,8 +65,10 @@ class BusConsumer:
     """Runs one pull loop per stream until `stop()`; `running` is true while every loop is alive."""
 
     def __init__(self, js, store: Store, consumer_name: str, *, batch: int = 500, fetch_timeout: float = 1.0,
-                 ack_wait: float = 60.0, retry_delay: float = 2.0, stream_replicas: int = 1):
+                 ack_wait: float = 60.0, retry_delay: float = 2.0, stream_replicas: int = 1,
+                 max_tx_resources: int = 1000):
         self.js, self.store, self.name = js, store, consumer_name
+        self.max_tx_resources = max_tx_resources
         self.stream_replicas = stream_replicas
         self.batch, self.fetch_timeout, self.ack_wait, self.retry_delay = batch, fetch_timeout, ack_wait, retry_delay
         self.stats = ConsumerStats()
@@ -170,20 +179,27 @@ class BusConsumer:
 
     async def _handle_batch(self, stream: str, msgs: list) -> None:
         good: list[tuple[object, list[dict]]] = []
-        for msg in msgs:
-            try:
-                resources = bus.decode_bundle(msg.data)
-                for r in resources:
-                    check_resource(r)
-            except Exception as exc:  # noqa: BLE001 - malformed: never storable, do not redeliver
+        for msg, resources, exc in await asyncio.to_thread(_decode_all, msgs):
+            if exc is not None:  # malformed: never storable, do not redeliver
                 log.error("terminating malformed message %s seq=%s on %s: %s", msg.subject,
                           _seq(msg), stream, exc)
                 self.stats.messages_terminated += 1
                 await msg.term()
                 continue
             good.append((msg, resources))
-        if not good:
-            return
+        parts = list(_transactions(good, self.max_tx_resources))
+        for i, part in enumerate(parts):
+            if self._stopping.is_set():
+                # stopping: the rest goes back to the server now (redelivered to the next consumer)
+                for msg, _ in (m for rest in parts[i:] for m in rest):
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    self.stats.messages_nakked += 1
+                return
+            await self._store_and_ack(stream, part)
+
+    async def _store_and_ack(self, stream: str, good: list[tuple[object, list[dict]]]) -> None:
+        """One transaction for these messages, then their acks (or one by one if it fails)."""
         try:
             counts = await self._upsert_traced(stream, [r for _, rs in good for r in rs])
         except Exception as exc:  # noqa: BLE001
@@ -208,9 +224,7 @@ class BusConsumer:
         self.stats.messages_acked += len(good)
 
     def _upsert(self, stream: str, resources: list[dict]):
-        if stream == bus.EHR_STREAM:
-            return self.store.upsert_many(resources, stale_guard=True)
-        return self.store.upsert_many(resources)
+        return self.store.upsert_many(resources, stale_guard=stream == bus.EHR_STREAM, bulk=True)
 
     async def _settle_failure(self, stream: str, msg, resources: list[dict], exc: BaseException) -> None:
         if is_permanent(exc):
@@ -233,6 +247,35 @@ class BusConsumer:
         self.stats.resources_new += counts.new
         self.stats.resources_updated += counts.updated
         self.stats.resources_unchanged += counts.unchanged
+
+
+def _decode_all(msgs: list) -> list[tuple[object, list[dict] | None, Exception | None]]:
+    """(msg, resources, None) or (msg, None, why it is malformed), for every message, in order."""
+    out = []
+    for msg in msgs:
+        try:
+            resources = bus.decode_bundle(msg.data)
+            for r in resources:
+                check_resource(r)
+        except Exception as exc:  # noqa: BLE001
+            out.append((msg, None, exc))
+            continue
+        out.append((msg, resources, None))
+    return out
+
+
+def _transactions(good: list[tuple[object, list[dict]]], limit: int):
+    """Consecutive runs of whole messages with at most `limit` resources (a bigger message alone)."""
+    part: list = []
+    size = 0
+    for msg, resources in good:
+        if part and size + len(resources) > limit:
+            yield part
+            part, size = [], 0
+        part.append((msg, resources))
+        size += len(resources)
+    if part:
+        yield part
 
 
 def _seq(msg) -> object:

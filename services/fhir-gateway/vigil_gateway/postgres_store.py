@@ -4,8 +4,10 @@ One write connection behind a lock, and a small pool of read connections (`read_
 concurrent searches do not queue behind each other), each reopened if the server dropped it. All SQL
 lives in store.SqlStore except the batched writes: a bus batch is one `INSERT ... SELECT FROM unnest(arrays)
 ON CONFLICT` into resources and one COPY per history/index table (not a statement per row); migrations
-hold an advisory lock so several gateway replicas can start at once. Reads run in REPEATABLE READ
-so a search's total, page and includes come from one snapshot.
+hold an advisory lock so several gateway replicas can start at once. A search without
+_include/_revinclude is one statement (snapshot, total and page: one round trip, one snapshot); other
+multi-statement reads run in a REPEATABLE READ transaction, so a search's total, page and includes
+come from one snapshot. Writes are ordered by the store's WriteGate (REST writes before bus batches).
 """
 from __future__ import annotations
 
@@ -18,7 +20,16 @@ import orjson
 import psycopg
 
 from vigil_gateway.migrate import SCHEMA_VERSION_DDL, migration_files
-from vigil_gateway.store import SqlStore, Tx, chunks, now_instant
+from vigil_gateway.store import (
+    SearchQuery,
+    SearchResult,
+    SqlStore,
+    Tx,
+    WriteGate,
+    _SqlBuilder,
+    chunks,
+    now_instant,
+)
 
 _MIGRATION_LOCK = 0x76696769  # 'vigi': pg_advisory_xact_lock key for migrations
 _IN_CHUNK = 1000
@@ -37,6 +48,7 @@ class PostgresStore(SqlStore):
         self._timeout = connect_timeout
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
+        self._gate = WriteGate()  # REST writes before bus batches (store.WriteGate)
         self._write: psycopg.Connection | None = None
         self._read: psycopg.Connection | None = None  # the reader used by ping()
         self._pool: queue.LifoQueue = queue.LifoQueue()
@@ -88,25 +100,69 @@ class PostgresStore(SqlStore):
         return sql.replace("%", "%%").replace("?", "%s")
 
     @contextlib.contextmanager
-    def _write_tx(self):
+    def _open_write_tx(self):
         with self._write_lock:
             conn = self._writer()
             with conn.transaction(), conn.cursor() as cur:
                 yield Tx(cur, "%s")
 
     @contextlib.contextmanager
-    def _read_tx(self):
+    def _read_conn(self):
+        """A pooled read connection (autocommit: a lone statement is its own snapshot; `transaction()`
+        starts a REPEATABLE READ one)."""
         conn = self._pool.get()
         try:
             if conn is None or conn.closed or conn.broken:
                 conn = self._connect()
+                conn.autocommit = True
                 conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 with self._read_lock:
                     self._readers.append(conn)
-            with conn.transaction(), conn.cursor() as cur:
-                yield Tx(cur, "%s")
+            yield conn
         finally:
             self._pool.put(conn)
+
+    @contextlib.contextmanager
+    def _read_tx(self):
+        with self._read_conn() as conn, conn.transaction(), conn.cursor() as cur:
+            yield Tx(cur, "%s")
+
+    def search_sql(self, q: SearchQuery) -> tuple[str, list]:
+        """The one statement search_query runs (without _include/_revinclude): snapshot, total and
+        page together, so one round trip and one snapshot (a lone statement needs no BEGIN/COMMIT)."""
+        if q.include or q.revinclude:
+            return super().search_sql(q)
+        builder = _SqlBuilder(q, self.dialect)
+        frm, where, args, order = builder.build()
+        cols, params = [], []
+        if q.snapshot is None:
+            cols.append("(SELECT COALESCE(MAX(created_seq), 0) FROM resources)")
+        else:
+            cols.append("NULL::bigint")
+        if q.total != "none":
+            cfrm, cwhere, cargs = builder.count_parts()
+            cols.append(f"(SELECT COUNT(*) FROM {cfrm} WHERE {cwhere})")
+            params += cargs
+        else:
+            cols.append("NULL::bigint")
+        if q.count > 0:
+            cols.append(f"ARRAY(SELECT {self.body_col} FROM {frm} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?)")
+            params += [*args, q.count + 1, q.offset]
+        else:
+            cols.append("NULL::text[]")
+        return self._sql("SELECT " + ", ".join(cols)), params
+
+    def search_query(self, query: SearchQuery) -> SearchResult:
+        if query.include or query.revinclude:  # several statements: one REPEATABLE READ transaction
+            return super().search_query(query)
+        sql, params = self.search_sql(query)
+        with self._read_conn() as conn:
+            # binary results: the bodies' array arrives length-prefixed, not as an array literal with
+            # every quote of every JSON body escaped (and unescaped again here)
+            snapshot, total, bodies = conn.execute(sql, params, binary=True).fetchone()
+        bodies = bodies or []
+        return SearchResult(total, [self._decode(b) for b in bodies[:query.count]], len(bodies) > query.count,
+                            query.snapshot if query.snapshot is not None else snapshot)
 
     def _existing(self, tx, keys, *, lock: bool = True):
         existing = {}

@@ -2,6 +2,8 @@
 
 WAL journal so readers are not blocked by the bus consumer's writes; one connection for writes and
 one for reads, each behind a lock (sqlite3 connections must not be used by two threads at once).
+Write transactions start in the store's WriteGate order: a REST write waiting goes before the next
+bus batch (see store.WriteGate and consumer.BusConsumer.max_tx_resources).
 All SQL lives in store.SqlStore, shared with PostgreSQL.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sqlite3
 import threading
 
 from vigil_gateway.migrate import SCHEMA_VERSION_DDL, migration_files
-from vigil_gateway.store import SqlStore, Tx, chunks, now_instant
+from vigil_gateway.store import SqlStore, Tx, WriteGate, chunks, now_instant
 
 _IN_CHUNK = 400  # stays well under SQLite's bound-parameter limit (2 per key)
 _CACHE_KIB = 65536  # page cache per connection (the default, 2 MiB, rereads index pages every batch)
@@ -44,6 +46,7 @@ class SqliteStore(SqlStore):
         self._read = self._write if memory else self._connect()
         self._write_lock = threading.RLock()
         self._read_lock = self._write_lock if memory else threading.RLock()
+        self._gate = WriteGate()  # REST writes before bus batches (store.WriteGate)
 
     @classmethod
     def from_url(cls, database_url: str) -> SqliteStore:
@@ -95,7 +98,7 @@ class SqliteStore(SqlStore):
     # --- SqlStore hooks -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write_tx(self):
+    def _open_write_tx(self):
         with self._write_lock:
             conn = self._write
             conn.execute("BEGIN IMMEDIATE")

@@ -15,14 +15,18 @@ Search (https://hl7.org/fhir/R4/search.html) runs on the index tables of migrati
 (idx_token, idx_reference, idx_date, idx_string; see fhirindex.py). A search whose filters include
 one exact token (system|code) is driven from idx_token, with the patient reference and the `date`
 range denormalised on the token row, so `Observation?subject=X&code=S|C&date=ge...` is a single
-index range scan in index order (no sort, no table scan). Paging is by offset *within a snapshot*:
-the first page records the highest creation sequence (`_snapshot`), later pages only see resources
-created up to it, so rows arriving meanwhile never shift or duplicate entries across pages.
+index range scan in index order (no sort, no table scan); since migration 0003 that index also carries
+date_low, so the scan reads no idx_token row, and the total is counted on idx_token alone. Paging is by
+offset *within a snapshot*: the first page records the highest creation sequence (`_snapshot`), later
+pages only see resources created up to it, so rows arriving meanwhile never shift or duplicate entries
+across pages.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -51,7 +55,9 @@ __all__ = [
     "Store",
     "TokenFilter",
     "UpsertCounts",
+    "WriteGate",
     "WriteResult",
+    "canonical_json",
     "check_resource",
     "content_hash",
     "format_utc",
@@ -142,7 +148,7 @@ class Store(Protocol):
     dialect: str
 
     def migrate(self) -> int: ...
-    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False) -> UpsertCounts: ...
+    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False, bulk: bool = False) -> UpsertCounts: ...
     def write(self, resource: dict, *, create: bool, if_match: int | None = None,
               if_none_exist: SearchQuery | None = None, outbox: bool = True) -> WriteResult: ...
     def read(self, resource_type: str, resource_id: str) -> dict | None: ...
@@ -177,6 +183,11 @@ def check_resource(resource: object) -> tuple[str, str]:
 
 def content_hash(resource: dict) -> str:
     """sha256 of the canonical JSON of the resource without the store-owned meta elements."""
+    return hashlib.sha256(canonical_json(resource)).hexdigest()
+
+
+def canonical_json(resource: dict) -> bytes:
+    """The bytes content_hash hashes: compact JSON, keys sorted, without meta.versionId/lastUpdated."""
     body = dict(resource)
     meta = body.get("meta")
     if isinstance(meta, dict):
@@ -186,10 +197,9 @@ def content_hash(resource: dict) -> str:
         else:
             body.pop("meta")
     try:
-        canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     except TypeError as exc:
         raise InvalidResource(f"not JSON-serialisable: {exc}") from exc
-    return hashlib.sha256(canonical).hexdigest()
 
 
 def now_instant() -> str:
@@ -280,6 +290,55 @@ def chunks(items: list, size: int):
         yield items[i:i + size]
 
 
+class WriteGate:
+    """Who starts the next write transaction: every other writer before a bus batch.
+
+    The adapters write through one connection, one transaction at a time. Without an order, a REST
+    create arriving while the bus consumer catches up a backlog waits behind batch after batch (a
+    thread lock is not fair: the consumer's threads take it again as soon as they release it). Here a
+    `bulk` transaction (a bus batch, `upsert_many(..., bulk=True)`) starts only when no other writer is
+    waiting, so a REST write (or an outbox/audit write) waits at most for the bus transaction already
+    running; the consumer keeps those short (consumer.BusConsumer.max_tx_resources). Bus batches are
+    not starved by REST traffic in practice: they go whenever no REST write is queued. Reentrant per
+    thread (a transaction that nests another keeps the gate)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._urgent = 0  # non-bulk writers waiting
+
+    @contextlib.contextmanager
+    def hold(self, *, bulk: bool = False):
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+            else:
+                if not bulk:
+                    self._urgent += 1
+                try:
+                    while self._owner is not None or (bulk and self._urgent):
+                        self._cond.wait()
+                finally:
+                    if not bulk:
+                        self._urgent -= 1
+                self._owner, self._depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+                    self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Non-bulk writers waiting for the gate now."""
+        return self._urgent
+
+
 # --- SQL for search ---------------------------------------------------------------------------------
 
 _MIN_DATE, _MAX_DATE = "0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z"
@@ -338,6 +397,7 @@ class _SqlBuilder:
         self.args: list = [q.resource_type]
         self.now = dt.datetime.now(dt.UTC)
         self.driver: Filter | None = None
+        self.uses_r = False  # a condition reads a resources column (the driven count then needs the join)
         self._choose_driver()
 
     def _choose_driver(self) -> None:
@@ -370,9 +430,21 @@ class _SqlBuilder:
         if q.snapshot is not None:
             self.where.append("r.created_seq <= ?")
             self.args.append(q.snapshot)
+            self.uses_r = True
         if order is None:
             order = self._order(nulls)
         return frm, " AND ".join(self.where), self.args, order
+
+    def count_parts(self) -> tuple[str, str, list]:
+        """(from, where, args) for the total, after build(). Driven by a token with no condition on a
+        resources column, it counts idx_token rows alone (an index-only scan): every idx_token row has
+        exactly one resources row (written and deleted in the same transaction), so the join adds
+        nothing to the count."""
+        if self.driver is not None and not self.uses_r:
+            return "idx_token t", " AND ".join(self.where[1:]), self.args[1:]
+        frm = ("idx_token t JOIN resources r ON r.resource_type=t.resource_type AND r.id=t.resource_id"
+               if self.driver is not None else "resources r")
+        return frm, " AND ".join(self.where), self.args
 
     def _order(self, nulls: str) -> str:
         if not self.q.sort:
@@ -390,7 +462,8 @@ class _SqlBuilder:
         return ", ".join(keys)
 
     def _in(self, sql: str, args: list, negate: bool = False) -> None:
-        self.where.append(f"r.id {'NOT IN' if negate else 'IN'} ({sql})")
+        own = "t.resource_id" if self.driver is not None else "r.id"  # equal when driven (the join)
+        self.where.append(f"{own} {'NOT IN' if negate else 'IN'} ({sql})")
         self.args += args
 
     def _filter(self, f: Filter) -> None:
@@ -400,7 +473,8 @@ class _SqlBuilder:
                 if f.values[0]:
                     self.where.append("1=0")
                 return
-            self.where.append("r.id IN (" + ",".join("?" * len(f.values)) + ")")
+            own = "t.resource_id" if self.driver is not None else "r.id"
+            self.where.append(own + " IN (" + ",".join("?" * len(f.values)) + ")")
             self.args += list(f.values)
             return
         if f.name == "_lastUpdated":
@@ -411,6 +485,7 @@ class _SqlBuilder:
                 args += a
             self.where.append("(" + " OR ".join(ors) + ")")
             self.args += args
+            self.uses_r = True
             return
         p: Param = self.params_[f.name]
         table = _IDX_TABLE[p.kind]
@@ -419,6 +494,7 @@ class _SqlBuilder:
         if f.modifier == "missing":
             if p.kind == "date" and p.name == "date":  # resources.date_high holds it (no idx_date rows)
                 self.where.append("r.date_high IS NULL" if f.values[0] else "r.date_high IS NOT NULL")
+                self.uses_r = True
                 return
             self._in(base, base_args, negate=bool(f.values[0]))
             return
@@ -438,6 +514,7 @@ class _SqlBuilder:
             if len(f.values) == 1 and _denormalised_subject(rt, f.name):
                 self.where.append("r.subject=?")
                 self.args.append(f.values[0])
+                self.uses_r = True
                 return
             self._in(base + " AND x.target IN (" + ",".join("?" * len(f.values)) + ")",
                      base_args + list(f.values))
@@ -446,6 +523,7 @@ class _SqlBuilder:
                 lo, hi, direct = "t.date_low", "t.date_high", True
             elif p.name == "date":
                 lo, hi, direct = "r.date", "r.date_high", True
+                self.uses_r = True
             else:
                 lo, hi, direct = "x.low", "x.high", False
             ors, args = [], []
@@ -497,10 +575,12 @@ class SqlStore:
     json_param = "?"        # PostgreSQL: ?::jsonb
     in_chunk = 400
     revinclude_max = 1000
+    _gate: WriteGate  # set by the adapter's __init__
 
-    # subclasses provide: _write_tx() / _read_tx() context managers yielding an object with
+    # subclasses provide: _open_write_tx() / _read_tx() context managers yielding an object with
     # q(sql, args) -> rows, many(sql, seq), and _next_seqs(tx, n) -> list[int], _decode(text) -> dict,
     # _lock_key(tx, key) (serialise conditional creates across processes; no-op for SQLite).
+    # Writes go through _write_tx(bulk=...), which orders them with the WriteGate first.
 
     # --- writes -----------------------------------------------------------------------------------
 
@@ -579,11 +659,13 @@ class SqlStore:
         self._append(tx, "idx_date", ("resource_type", "resource_id", "param", "low", "high"), dates)
         self._append(tx, "idx_string", ("resource_type", "resource_id", "param", "norm", "exact"), strs)
 
-    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False) -> UpsertCounts:
+    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False, bulk: bool = False) -> UpsertCounts:
+        """Store a batch in one transaction (versioning rules above). bulk=True: a bus batch, which
+        yields to any other writer waiting (see WriteGate)."""
         if not resources:
             return UpsertCounts()
         keys = list(dict.fromkeys(check_resource(r) for r in resources))  # all valid before the transaction
-        with self._write_tx() as tx:
+        with self._write_tx(bulk=bulk) as tx:
             existing = self._existing(tx, keys, lock=False)
             now = now_instant()
             counts, rows, versions = plan_upsert(resources, existing, now, stale_guard=stale_guard)
@@ -705,17 +787,26 @@ class SqlStore:
         return self._sql(f"SELECT {self.body_col} FROM {frm} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?"), \
             [*args, q.count + 1, q.offset]
 
+    def count_sql(self, q: SearchQuery) -> tuple[str, list]:
+        """The total's query as the general search path runs it (for EXPLAIN in tests)."""
+        builder = _SqlBuilder(q, self.dialect)
+        builder.build()
+        frm, where, args = builder.count_parts()
+        return self._sql(f"SELECT COUNT(*) FROM {frm} WHERE {where}"), args
+
     def _sql(self, sql: str) -> str:
         return sql
 
     def _search(self, tx, q: SearchQuery) -> SearchResult:
-        frm, where, args, order = _SqlBuilder(q, self.dialect).build()
+        builder = _SqlBuilder(q, self.dialect)
+        frm, where, args, order = builder.build()
         snapshot = q.snapshot
         if snapshot is None:
             snapshot = tx.q("SELECT COALESCE(MAX(created_seq), 0) FROM resources")[0][0]
         total = None
         if q.total != "none":
-            total = tx.q(f"SELECT COUNT(*) FROM {frm} WHERE {where}", args)[0][0]
+            cfrm, cwhere, cargs = builder.count_parts()
+            total = tx.q(f"SELECT COUNT(*) FROM {cfrm} WHERE {cwhere}", cargs)[0][0]
         rows = []
         if q.count > 0:
             rows = tx.q(f"SELECT {self.body_col} FROM {frm} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
@@ -782,8 +873,14 @@ class SqlStore:
         res = self.search_query(SearchQuery(resource_type, tuple(filters), count=count, offset=offset))
         return res.total, res.resources
 
+    @contextlib.contextmanager
+    def _write_tx(self, *, bulk: bool = False):
+        """A write transaction, started in WriteGate order (bulk = a bus batch: last in line)."""
+        with self._gate.hold(bulk=bulk), self._open_write_tx() as tx:
+            yield tx
+
     # subclass hooks
-    def _write_tx(self):
+    def _open_write_tx(self):
         raise NotImplementedError
 
     def _read_tx(self):
