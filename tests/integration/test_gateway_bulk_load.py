@@ -50,7 +50,7 @@ def dump(url: str) -> dict[str, list]:
         out = {}
         for table in bulk_load.TABLES:
             cols = db.columns(table)
-            select = ", ".join(f"{n}::text" if t == "jsonb" else n for n, t in cols)
+            select = ", ".join(f"{n}::text" if t in ("json", "jsonb") else n for n, t in cols)
             rows = []
             for values in db.q(f"SELECT {select} FROM {table}"):
                 row = dict(zip([n for n, _ in cols], values, strict=True))

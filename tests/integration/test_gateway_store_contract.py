@@ -26,8 +26,8 @@ def store(request, tmp_path):
         s = build_store(f"sqlite:///{tmp_path}/nested/dir/gateway.db")
     else:
         s = build_store(request.getfixturevalue("fresh_postgres_url"))
-    assert s.migrate() == 3
-    assert s.migrate() == 3  # idempotent
+    assert s.migrate() == 4
+    assert s.migrate() == 4  # idempotent
     yield s
     s.close()
 
@@ -156,7 +156,7 @@ def test_upgrade_from_schema_1_reindexes_existing_rows(dialect, request, tmp_pat
     old.close()
     monkeypatch.undo()
     new = build_store(url)
-    assert new.migrate() == 3
+    assert new.migrate() == 4
     assert new.search("Observation", subject="Patient/p1", code=[TokenFilter(LOINC, HR)])[0] == 1
     assert new.vread("Observation", "legacy", 3)["meta"]["versionId"] == "3"
     assert new.upsert_many([obs("fresh")]) == UpsertCounts(new=1)

@@ -184,8 +184,9 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         if result.included and (claims is not None):
             result.included = [r for r in result.included if _may_see(claims, confine, r)]
         if confine is not None:
-            result.resources = [r for r in result.resources if smart.in_compartment(r, confine)]
-        return reply(request, searchset_bundle(base_url, resource_type, parsed, result))
+            result.keep(lambda r: smart.in_compartment(r, confine))
+        pretty = request.query_params.get("_pretty") == "true"
+        return reply(request, searchset_bundle(base_url, resource_type, parsed, result, stored=not pretty))
 
     @app.get(f"{base}/{{resource_type}}")
     async def search_type(resource_type: str, request: Request) -> Response:
@@ -579,9 +580,14 @@ def _patient_of_query(resource_type: str, items: list[tuple[str, str]]) -> str |
     return None
 
 
-def searchset_bundle(base_url: str, resource_type: str, parsed: ParsedSearch, result: SearchResult) -> dict:
+def searchset_bundle(base_url: str, resource_type: str, parsed: ParsedSearch, result: SearchResult, *,
+                     stored: bool = False) -> dict:
     """A searchset Bundle (https://hl7.org/fhir/R4/bundle.html#searchset) with self/next/previous links
-    that carry the snapshot, so paging stays correct while data keeps arriving."""
+    that carry the snapshot, so paging stays correct while data keeps arriving.
+
+    stored=True: a match the store handed over as its stored JSON goes into the Bundle as those bytes
+    (orjson.Fragment: not decoded, not encoded again) unless _elements needs the dict; only for
+    compact output (orjson writes a Fragment as is, so _pretty uses the dicts)."""
     q = parsed.query
 
     def link(relation: str, offset: int) -> dict:
@@ -603,8 +609,11 @@ def searchset_bundle(base_url: str, resource_type: str, parsed: ParsedSearch, re
     if q.count > 0 and q.offset > 0:
         links.append(link("previous", max(0, q.offset - q.count)))
     bundle["link"] = links
-    entries = [{"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}", "resource": _subset(r, parsed.elements),
-                "search": {"mode": "match"}} for r in result.resources]
+    if stored and result.raw is not None and not parsed.elements:
+        entries = _stored_entries(base_url, resource_type, result.raw)
+    else:
+        entries = [{"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}",
+                    "resource": _subset(r, parsed.elements), "search": {"mode": "match"}} for r in result.resources]
     entries += [{"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}", "resource": r,
                  "search": {"mode": "include"}} for r in result.included]
     bundle["entry"] = entries
@@ -613,6 +622,25 @@ def searchset_bundle(base_url: str, resource_type: str, parsed: ParsedSearch, re
             "not-supported", "search parameters ignored (not supported): " + ", ".join(parsed.ignored),
             "warning"), "search": {"mode": "outcome"}})
     return bundle
+
+
+def _stored_entries(base_url: str, resource_type: str, raw: list[bytes]) -> list[dict]:
+    """Match entries around stored JSON. The store writes every body as `{"resourceType":"T","id":"I",...`
+    (store._stamp, compact orjson) and a FHIR id needs no escaping ([A-Za-z0-9.-]), so the fullUrl comes
+    from that head; a body that does not start so is decoded for it."""
+    head = f'{{"resourceType":"{resource_type}","id":"'.encode()
+    n = len(head)
+    mode = {"mode": "match"}
+    entries = []
+    for body in raw:
+        end = body.find(b'"', n) if body.startswith(head) else -1
+        if end > n:
+            url = f"{base_url}/{resource_type}/{body[n:end].decode()}"
+        else:
+            r = orjson.loads(body)
+            url = f"{base_url}/{r['resourceType']}/{r['id']}"
+        entries.append({"fullUrl": url, "resource": orjson.Fragment(body), "search": mode})
+    return entries
 
 
 def _subset(resource: dict, elements: tuple[str, ...]) -> dict:

@@ -18,6 +18,8 @@ import zlib
 
 import orjson
 import psycopg
+from psycopg.adapt import Loader
+from psycopg.pq import Format
 
 from vigil_gateway.migrate import SCHEMA_VERSION_DDL, migration_files
 from vigil_gateway.store import (
@@ -37,8 +39,8 @@ _IN_CHUNK = 1000
 
 class PostgresStore(SqlStore):
     dialect = "postgresql"
-    body_col = "r.body::text"
-    json_param = "?::jsonb"
+    body_col = "r.body"  # json (migration 0004): the stored text, loaded as bytes (_JsonBytes)
+    json_param = "?::json"
     in_chunk = 1000
 
     def __init__(self, database_url: str, *, connect_timeout: int = 10, read_pool: int = 8):
@@ -58,8 +60,12 @@ class PostgresStore(SqlStore):
         self._write = self._connect()  # fail fast on a bad URL
 
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=False, connect_timeout=self._timeout,
+        conn = psycopg.connect(self.url, autocommit=False, connect_timeout=self._timeout,
                                application_name="vigil-gateway")
+        # json values (bodies) arrive as their bytes, not parsed: the store decodes them only when needed
+        conn.adapters.register_loader("json", _JsonBytes)
+        conn.adapters.register_loader("json", _JsonBytesBinary)
+        return conn
 
     def _writer(self) -> psycopg.Connection:
         if self._write is None or self._write.closed or self._write.broken:
@@ -149,7 +155,7 @@ class PostgresStore(SqlStore):
             cols.append(f"ARRAY(SELECT {self.body_col} FROM {frm} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?)")
             params += [*args, q.count + 1, q.offset]
         else:
-            cols.append("NULL::text[]")
+            cols.append("NULL::json[]")
         return self._sql("SELECT " + ", ".join(cols)), params
 
     def search_query(self, query: SearchQuery) -> SearchResult:
@@ -161,8 +167,9 @@ class PostgresStore(SqlStore):
             # every quote of every JSON body escaped (and unescaped again here)
             snapshot, total, bodies = conn.execute(sql, params, binary=True).fetchone()
         bodies = bodies or []
-        return SearchResult(total, [self._decode(b) for b in bodies[:query.count]], len(bodies) > query.count,
-                            query.snapshot if query.snapshot is not None else snapshot)
+        return SearchResult(total, None, len(bodies) > query.count,
+                            query.snapshot if query.snapshot is not None else snapshot,
+                            raw=[self._raw(b) for b in bodies[:query.count]], decode=self._decode)
 
     def _existing(self, tx, keys, *, lock: bool = True):
         existing = {}
@@ -181,7 +188,7 @@ class PostgresStore(SqlStore):
     def _upsert_resources(self, tx, values: list[tuple], *, with_history: bool = False) -> bool:
         """INSERT ... SELECT FROM unnest(arrays) ON CONFLICT: the batch as ten array parameters. With
         with_history, the history rows are inserted from its RETURNING rows in the same statement (each
-        body is sent and parsed into jsonb once)."""
+        body is sent and checked as json once)."""
         if not values:
             return False
         cols = list(zip(*values, strict=True))
@@ -196,7 +203,7 @@ class PostgresStore(SqlStore):
         tx.cur.execute(
             head + "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
             "content_hash, body, created_seq) "
-            "SELECT t, i, v, lu, s, d, dh, h, b::jsonb, cs FROM unnest(?::text[], ?::text[], ?::int[], ?::text[], "
+            "SELECT t, i, v, lu, s, d, dh, h, b::json, cs FROM unnest(?::text[], ?::text[], ?::int[], ?::text[], "
             "?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bigint[]) AS u(t, i, v, lu, s, d, dh, h, b, cs) "
             "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
             "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
@@ -206,7 +213,7 @@ class PostgresStore(SqlStore):
 
     def _append(self, tx, table: str, columns: tuple[str, ...], values: list[tuple],
                 json_col: int | None = None) -> None:
-        """COPY FROM STDIN (text format; the server parses the jsonb column): rows that never conflict."""
+        """COPY FROM STDIN (text format; the server checks the json column): rows that never conflict."""
         if not values:
             return
         with tx.cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
@@ -225,8 +232,16 @@ class PostgresStore(SqlStore):
     def _lock_key(self, tx, key: str) -> None:
         tx.q("SELECT pg_advisory_xact_lock(?)", [zlib.crc32(key.encode())])
 
-    def _decode(self, text) -> dict:
-        return _ordered(orjson.loads(text))
+    def _decode(self, body) -> dict:
+        resource = orjson.loads(body)
+        return resource if _canonical(body) else _ordered(resource)
+
+    def _raw(self, body) -> bytes:
+        """The stored JSON, as written by the store (resourceType, id, meta first); a body stored
+        before migration 0004 (jsonb's text: keys by length) is put in that order first."""
+        if isinstance(body, str):
+            body = body.encode()
+        return body if _canonical(body) else orjson.dumps(self._decode(body))
 
     def ping(self) -> bool:
         try:
@@ -245,8 +260,29 @@ class PostgresStore(SqlStore):
                     conn.close()
 
 
+_CANONICAL_HEAD = b'{"resourceType":'  # how every body the store serialises starts
+
+
+def _canonical(body: bytes | str) -> bool:
+    return body.startswith(_CANONICAL_HEAD if isinstance(body, bytes) else '{"resourceType":')
+
+
+class _JsonBytes(Loader):
+    """json column -> its bytes (text format)."""
+
+    def load(self, data) -> bytes:
+        return bytes(data)
+
+
+class _JsonBytesBinary(_JsonBytes):
+    """json column -> its bytes (binary format: json's binary form is its text)."""
+
+    format = Format.BINARY
+
+
 def _ordered(resource: dict) -> dict:
-    """jsonb sorts keys by length; put resourceType, id, meta first as FHIR JSON customarily has."""
+    """jsonb sorts keys by length; put resourceType, id, meta first as FHIR JSON customarily has (bodies
+    stored before migration 0004)."""
     head = {k: resource[k] for k in ("resourceType", "id", "meta") if k in resource}
     head.update((k, v) for k, v in resource.items() if k not in head)
     return head

@@ -28,7 +28,7 @@ import datetime as dt
 import hashlib
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import orjson
@@ -128,13 +128,44 @@ class SearchQuery:
     revinclude: tuple[tuple[str, str, str | None], ...] = ()  # (source type, param, target type)
 
 
-@dataclass
 class SearchResult:
-    total: int | None
-    resources: list[dict]
-    has_more: bool
-    snapshot: int
-    included: list[dict] = field(default_factory=list)
+    """A page of matches. The store hands over each match's stored JSON (`raw`, bytes, in order) and
+    `resources` decodes it only when something reads the dicts (compartment filter, _elements,
+    _include, _pretty), so a plain search page is written into the response as stored (app.py)."""
+
+    __slots__ = ("total", "_resources", "raw", "has_more", "snapshot", "included", "_decode")
+
+    def __init__(self, total: int | None, resources: list[dict] | None = None, has_more: bool = False,
+                 snapshot: int = 0, included: list[dict] | None = None, *, raw: list[bytes] | None = None,
+                 decode=orjson.loads):
+        self.total, self.has_more, self.snapshot = total, has_more, snapshot
+        self.included = included if included is not None else []
+        self._resources = resources
+        self.raw = raw if resources is None else None
+        self._decode = decode
+
+    @property
+    def resources(self) -> list[dict]:
+        if self._resources is None:
+            self._resources = [self._decode(b) for b in self.raw or ()]
+        return self._resources
+
+    @resources.setter
+    def resources(self, value: list[dict]) -> None:  # replaced: the stored JSON no longer matches
+        self._resources, self.raw = value, None
+
+    def keep(self, predicate) -> None:
+        """Keep the matches predicate(resource dict) accepts, and their stored JSON with them."""
+        resources, raw = self.resources, self.raw
+        if raw is None:
+            self._resources = [r for r in resources if predicate(r)]
+            return
+        kept = [(r, b) for r, b in zip(resources, raw, strict=True) if predicate(r)]
+        self._resources, self.raw = [r for r, _ in kept], [b for _, b in kept]
+
+    def __repr__(self) -> str:
+        n = len(self._resources if self._resources is not None else self.raw or ())
+        return f"SearchResult(total={self.total}, matches={n}, has_more={self.has_more}, snapshot={self.snapshot})"
 
 
 @dataclass(frozen=True)
@@ -571,8 +602,8 @@ class SqlStore:
     """Everything except connections, transactions and dialect details (see the two subclasses)."""
 
     dialect = "?"
-    body_col = "r.body"     # PostgreSQL: r.body::text
-    json_param = "?"        # PostgreSQL: ?::jsonb
+    body_col = "r.body"
+    json_param = "?"        # PostgreSQL: ?::json
     in_chunk = 400
     revinclude_max = 1000
     _gate: WriteGate  # set by the adapter's __init__
@@ -812,9 +843,11 @@ class SqlStore:
             rows = tx.q(f"SELECT {self.body_col} FROM {frm} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
                         [*args, q.count + 1, q.offset])
         has_more = len(rows) > q.count
-        resources = [self._decode(r[0]) for r in rows[:q.count]]
-        included = self._includes(tx, q, resources) if resources and (q.include or q.revinclude) else []
-        return SearchResult(total, resources, has_more, snapshot, included)
+        result = SearchResult(total, None, has_more, snapshot, raw=[self._raw(r[0]) for r in rows[:q.count]],
+                              decode=self._decode)
+        if result.raw and (q.include or q.revinclude):
+            result.included = self._includes(tx, q, result.resources)
+        return result
 
     def _includes(self, tx, q: SearchQuery, resources: list[dict]) -> list[dict]:
         out: dict[tuple[str, str], dict] = {}
@@ -891,6 +924,10 @@ class SqlStore:
 
     def _decode(self, text) -> dict:
         return orjson.loads(text)
+
+    def _raw(self, body) -> bytes:
+        """A stored body as the JSON bytes a response carries (SQLite: the text the store wrote)."""
+        return body.encode() if isinstance(body, str) else bytes(body)
 
     def _lock_key(self, tx, key: str) -> None:
         return None

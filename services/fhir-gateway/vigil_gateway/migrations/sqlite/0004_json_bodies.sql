@@ -1,0 +1,3 @@
+-- Issue #4 (PostgreSQL's 0004 turns jsonb bodies into json, the stored text returned as is). SQLite
+-- has always stored the body as the text the store serialised: nothing to change. This file keeps
+-- the two dialects at the same schema version.
