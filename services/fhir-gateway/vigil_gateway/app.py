@@ -76,6 +76,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     _install_error_handlers(app)
     started = now_instant()
     smart_config: dict = {}
+    search_async = getattr(store, "search_query_async", None)
 
     async def guard(request: Request, resource_type: str | None, interaction: str,
                     patient: str | None = None) -> None:
@@ -179,7 +180,10 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
             request.state.audit["patient"] = confine
         request.state.audit["query"] = urllib.parse.urlencode(items)
         parsed = parse_search(resource_type, items, strict=_strict(request))
-        result = await run_in_threadpool(store.search_query, parsed.query)
+        if search_async is not None:  # PostgreSQL: on the event loop, no worker-thread hop
+            result = await search_async(parsed.query)
+        else:
+            result = await run_in_threadpool(store.search_query, parsed.query)
         claims = getattr(request.state, "claims", None)
         if result.included and (claims is not None):
             result.included = [r for r in result.included if _may_see(claims, confine, r)]
@@ -589,11 +593,13 @@ def searchset_bundle(base_url: str, resource_type: str, parsed: ParsedSearch, re
     (orjson.Fragment: not decoded, not encoded again) unless _elements needs the dict; only for
     compact output (orjson writes a Fragment as is, so _pretty uses the dicts)."""
     q = parsed.query
+    # urlencode(a + b) == urlencode(a) + "&" + urlencode(b): the search's own parameters are encoded once
+    common = urllib.parse.urlencode([*parsed.link_params, ("_count", str(q.count))])
+    snapshot = urllib.parse.quote_plus(str(result.snapshot))
 
     def link(relation: str, offset: int) -> dict:
-        params = [*parsed.link_params, ("_count", str(q.count)), ("_offset", str(offset)),
-                  ("_snapshot", str(result.snapshot))]
-        return {"relation": relation, "url": f"{base_url}/{resource_type}?{urllib.parse.urlencode(params)}"}
+        return {"relation": relation,
+                "url": f"{base_url}/{resource_type}?{common}&_offset={offset}&_snapshot={snapshot}"}
 
     bundle: dict = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": now_instant()},
                     "type": "searchset"}

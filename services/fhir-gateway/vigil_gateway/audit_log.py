@@ -39,6 +39,7 @@ INDEXES = (
 
 
 _OPS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_COLUMNS = ("id", "recorded", "agent", "patient", "entity", "action", "outcome", "body")
 
 
 def _columns(event: dict) -> tuple:
@@ -100,8 +101,10 @@ class AuditLog:
     def _write(self, events: list[dict]) -> None:
         self._ensure_schema()
         with self.store._write_tx() as tx:
-            tx.many("INSERT INTO vigil_audit_event (id, recorded, agent, patient, entity, action, outcome, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [_columns(e) for e in events])
+            # the store's plain-append primitive: COPY on PostgreSQL (one round trip, no per-row statement
+            # for the server to run: a search's audit row cost the server about as much as a tenth of
+            # the search), executemany on SQLite; event ids are fresh UUIDs, so there is never a conflict
+            self.store._append(tx, "vigil_audit_event", _COLUMNS, [_columns(e) for e in events])
 
     async def flush(self) -> int:
         """Write what is queued now; returns how many were written."""
