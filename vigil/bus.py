@@ -29,6 +29,7 @@ MAX_BODY_BYTES = 64 << 20  # decoded size refused beyond this (a corrupt or host
 COMPRESSIONS = ("zstd", "none")
 CONTENT_TYPE = "application/fhir+json"
 MSG_ID = "Nats-Msg-Id"
+EXPECTED_STREAM = "Nats-Expected-Stream"  # JetStream refuses the message when another stream would store it
 
 STREAMS = {
     OBSERVATIONS_STREAM: OBSERVATIONS_SUBJECTS,

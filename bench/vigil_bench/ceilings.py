@@ -87,7 +87,8 @@ def grpc_stream(payload: bytes, readings_per_message: int, *, procs: int, batche
     try:
         r = run_grpc_clients(f"127.0.0.1:{port}", "/bench.Raw/Stream",
                              {"procs": procs, "batches": batches, "per_batch": readings_per_message,
-                              "streams": streams, "window": window, "raw_payload": payload})
+                              "streams": streams, "connections": streams, "window": window,
+                              "raw_payload": payload})
     finally:
         if own:
             proc.terminate()

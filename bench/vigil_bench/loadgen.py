@@ -91,8 +91,16 @@ async def _drive(target: str, method: str, payloads: list[bytes], spec: dict) ->
     first_error: list[str] = []
     lat: list[float] = []
     opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=opts) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
+    # `connections` TCP connections per process (a local subchannel pool each, so they really are
+    # separate), streams spread over them: a server with several worker processes on one port
+    # (SO_REUSEPORT) is balanced per connection, as it would be by a fleet of devices.
+    n_conn = max(1, min(spec.get("connections", 1), streams))
+    async with contextlib.AsyncExitStack() as stack:
+        chans = [await stack.enter_async_context(grpc.aio.insecure_channel(
+            target, options=opts + [("grpc.use_local_subchannel_pool", 1)] * (n_conn > 1)))
+            for _ in range(n_conn)]
+        for ch in chans:
+            await asyncio.wait_for(ch.channel_ready(), 30)
         t_start = time.time()
         while time.time() < spec.get("start_at", 0):
             await asyncio.sleep(0.001)
@@ -102,7 +110,7 @@ async def _drive(target: str, method: str, payloads: list[bytes], spec: dict) ->
 
         async def one(part: list[bytes], k: int):
             nonlocal acks, readings, errors
-            call = channel.stream_stream(method)()
+            call = chans[k % n_conn].stream_stream(method)()
             sem = asyncio.Semaphore(window)
             sent_at: list[float] = []
 

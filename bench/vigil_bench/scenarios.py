@@ -54,6 +54,10 @@ LONG_OBS = 10_000_000
 LONG_PATIENTS = 5_000  # --long: 10M Observations = 5000 patients x ~200 hours (8 days) x 10 codes, in 4 weeks
 BATCH = 100  # readings per message, "batched"
 PIPELINE_BATCH = 50  # readings per message in the pipeline load (a device gateway's batch)
+# Load shape of the ingest scenario and the gRPC ceilings: per client process, STREAMS pipelined streams,
+# each on its own TCP connection (a fleet of devices is many connections; several ingest workers on one
+# port are balanced per connection).
+STREAMS = 4
 
 
 def metric(value, unit: str, **extra) -> dict:
@@ -136,9 +140,11 @@ def run_ceilings(cfg: dict, env: dict, log_dir: pathlib.Path, memory: dict, http
             p100 = request_bytes("bench-dev", "bench-p", 0, BATCH, time.time(), codes_)
             p1 = request_bytes("bench-dev", "bench-p", 0, 1, time.time(), codes_)
             guard("grpc_stream_batched", lambda: C.grpc_stream(p100, BATCH, procs=cfg["client_procs"],
-                                                               batches=cfg["grpc_batches"], server=raw))
+                                                               batches=cfg["grpc_batches"], server=raw,
+                                                               streams=STREAMS))
             guard("grpc_stream_single", lambda: C.grpc_stream(p1, 1, procs=cfg["client_procs"],
-                                                              batches=cfg["ingest_single"], server=raw))
+                                                              batches=cfg["ingest_single"], server=raw,
+                                                              streams=STREAMS))
         finally:
             raw[0].terminate()
             raw[0].join(10)
@@ -178,40 +184,82 @@ def native_mapper_built() -> bool:
     return native.load() is not None
 
 
+def wait_workers_listening(pid: int, n: int, port: int, check, timeout: float = 60) -> None:
+    """Until all `n` worker processes of the supervisor `pid` listen on `port` (connections made before
+    that would all land on the first one)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check()
+        kids = psutil.Process(pid).children()
+        if len(kids) == n and all(any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                                      for c in k.net_connections("tcp")) for k in kids):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"ingest: {n} workers not listening on {port} after {timeout:g}s")
+
+
+def ingest_workers() -> int:
+    """`vigil ingest --workers` for the bench: one per core (what an operator sets on such a machine)."""
+    return max(1, os.cpu_count() or 1)
+
+
 def run_ingest(cfg: dict, env: dict, log_dir: pathlib.Path, memory: dict, ceilings: dict) -> dict:
     nonce = f"b{os.getpid()}x{int(time.time())}"
-    with Services(log_dir, env, memory, "ingest") as svc:
-        nats = svc.add_server(devservers.start_nats())
-        port = devservers.free_port()
-        svc.spawn("ingest", ["ingest"], {"VIGIL_NATS_URL": nats.url, "VIGIL_GRPC_LISTEN": f"127.0.0.1:{port}"})
-        svc.wait_port(port, 60)
-        target = f"127.0.0.1:{port}"
-        common = {"procs": cfg["client_procs"], "patients": 200, "streams": 2, "window": 64, "duration": 60}
-        b = run_grpc_clients(target, INGEST_METHOD, {**common, "nonce": nonce + "b", "per_batch": BATCH,
-                                                     "batches": cfg["ingest_batches"]})
-        s = run_grpc_clients(target, INGEST_METHOD, {**common, "nonce": nonce + "s", "per_batch": 1,
-                                                     "batches": cfg["ingest_single"]})
-        svc.check()
+    common = {"procs": cfg["client_procs"], "patients": 200, "streams": STREAMS, "connections": STREAMS,
+              "window": 64, "duration": 60}
+    workers = ingest_workers()
+    runs = {}
+    for label, n in (("workers", workers), ("one_worker", 1)) if workers > 1 else (("workers", 1),):
+        with Services(log_dir, env, memory, "ingest" if label == "workers" else "ingest_one_worker") as svc:
+            nats = svc.add_server(devservers.start_nats())
+            port = devservers.free_port()
+            proc = svc.spawn("ingest", ["ingest", "--workers", str(n)],
+                             {"VIGIL_NATS_URL": nats.url, "VIGIL_GRPC_LISTEN": f"127.0.0.1:{port}"})
+            svc.wait_port(port, 60)
+            if n > 1:
+                wait_workers_listening(proc.pid, n, port, svc.check)
+            target = f"127.0.0.1:{port}"
+            b = run_grpc_clients(target, INGEST_METHOD, {**common, "nonce": f"{nonce}{label}b", "per_batch": BATCH,
+                                                         "batches": cfg["ingest_batches"]})
+            s = run_grpc_clients(target, INGEST_METHOD, {**common, "nonce": f"{nonce}{label}s", "per_batch": 1,
+                                                         "batches": cfg["ingest_single"]})
+            svc.check()
+        runs[label] = (b, s)
+    b, s = runs["workers"]
     metrics = {
         "batched_readings_per_s": with_ratio(metric(b["readings_per_s"], "readings/s", readings=b["readings"],
                                                     ack_latency_ms=b["ack_latency_ms"], errors=b["errors"],
-                                                    load_generator_cpu_cores=b["client_cpu_cores"]),
+                                                    load_generator_cpu_cores=b["client_cpu_cores"],
+                                                    ingest_workers=workers),
                                              ceilings, "grpc_stream_batched"),
         "batched_vs_jetstream": with_ratio(metric(b["readings_per_s"], "readings/s"), ceilings,
                                            "jetstream_publish_batched"),
         "batched_vs_jetstream_zstd": with_ratio(metric(b["readings_per_s"], "readings/s"), ceilings,
                                                 "jetstream_publish_batched_zstd"),
         "single_readings_per_s": with_ratio(metric(s["readings_per_s"], "readings/s", readings=s["readings"],
-                                                   ack_latency_ms=s["ack_latency_ms"], errors=s["errors"]),
+                                                   ack_latency_ms=s["ack_latency_ms"], errors=s["errors"],
+                                                   ingest_workers=workers),
                                             ceilings, "grpc_stream_single"),
         "single_vs_jetstream": with_ratio(metric(s["readings_per_s"], "readings/s"), ceilings,
                                           "jetstream_publish_single"),
     }
+    if "one_worker" in runs:
+        b1, s1 = runs["one_worker"]
+        metrics["batched_one_worker_readings_per_s"] = with_ratio(
+            metric(b1["readings_per_s"], "readings/s", readings=b1["readings"], ack_latency_ms=b1["ack_latency_ms"],
+                   errors=b1["errors"], load_generator_cpu_cores=b1["client_cpu_cores"], ingest_workers=1),
+            ceilings, "grpc_stream_batched")
+        metrics["single_one_worker_readings_per_s"] = with_ratio(
+            metric(s1["readings_per_s"], "readings/s", readings=s1["readings"], errors=s1["errors"], ingest_workers=1),
+            ceilings, "grpc_stream_single")
     return {"status": "ok", "metrics": metrics,
             "params": {"readings_per_batch": BATCH, "client_processes": cfg["client_procs"],
                        "mapper": "native" if native_mapper_built() else "Python (native extension not built)",
-                       "bus_compression": env.get("VIGIL_BUS_COMPRESSION", "zstd"),
-                       "streams_per_process": 2, "window": 64, "durable": "acked after JetStream stored it"}}
+                       "bus_compression": env.get("VIGIL_BUS_COMPRESSION", "zstd"), "ingest_workers": workers,
+                       "streams_per_process": STREAMS, "connections_per_process": STREAMS, "window": 64,
+                       "durable": "acked after JetStream stored it"}}
 
 
 # --- pipeline + inference ------------------------------------------------------------------------

@@ -80,8 +80,12 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 async def start(settings: Settings, *, publisher: Publisher | None = None,
                 stream_window: int = 64, max_inflight: int = 4096, max_inflight_bytes: int = 256 << 20,
                 publish_timeout: float = 5.0, registry: Registry | None = None,
-                validator=None) -> IngestServer:
+                validator=None, reuse_port: bool = False) -> IngestServer:
     """Connect to NATS (unless `publisher` is given), ensure the streams, and start serving.
+
+    `reuse_port`: share the listen port with other processes (SO_REUSEPORT; `vigil ingest --workers`).
+    Off by default, so a second server on a port already taken fails to start instead of silently
+    taking part of the traffic.
 
     Health is SERVING once NATS is connected (or at once with an injected publisher) and turns
     NOT_SERVING while the NATS connection is down.
@@ -112,9 +116,11 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
         nc = await nats.connect(settings.nats_url, name="vigil-ingest", max_reconnect_attempts=-1,
                                 disconnected_cb=disconnected, reconnected_cb=reconnected,
                                 error_cb=error_cb, connect_timeout=5)
-        js = nc.jetstream(publish_async_max_pending=max_inflight)
+        js = nc.jetstream()
         await bus.ensure_streams(js, replicas=settings.stream_replicas)
-        publisher = JetStreamPublisher(js, timeout=publish_timeout, compression=settings.bus_compression)
+        publisher = JetStreamPublisher(nc, timeout=publish_timeout, compression=settings.bus_compression,
+                                       max_pending=max(max_inflight, 1) * 2)
+        await publisher.start()
         if registry is None:
             async def emit(subject: str, body: bytes, msg_id: str) -> None:
                 await js.publish(subject, body, headers={bus.MSG_ID: msg_id}, stream=bus.EHR_STREAM,
@@ -141,7 +147,7 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
     servicer = IngestServicer(publisher, stream_window=stream_window, max_inflight=max_inflight,
                               max_inflight_bytes=max_inflight_bytes,
                               publish_timeout=publish_timeout, registry=registry)
-    server, health_servicer = build_server(servicer, interceptors=interceptors)
+    server, health_servicer = build_server(servicer, interceptors=interceptors, reuse_port=reuse_port)
     creds = server_credentials(settings)
     port = (server.add_secure_port(settings.grpc_listen, creds) if creds is not None
             else server.add_insecure_port(settings.grpc_listen))
@@ -157,12 +163,13 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
     return srv
 
 
-async def run(settings: Settings, *, ready: asyncio.Event | None = None, grace: float = 5) -> None:
+async def run(settings: Settings, *, ready: asyncio.Event | None = None, grace: float = 5,
+              reuse_port: bool = False) -> None:
     """Start, set `ready`, serve until cancelled, then stop gracefully."""
     from vigil.telemetry import setup_telemetry
 
     setup_telemetry("vigil-ingest")
-    srv = await start(settings)
+    srv = await start(settings, reuse_port=reuse_port)
     try:
         if ready is not None:
             ready.set()

@@ -19,6 +19,9 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("ingest", help="serve the device ingest gRPC API (IngestService)")
     p.add_argument("--listen", help="gRPC listen address host:port (default VIGIL_GRPC_LISTEN or 127.0.0.1:50051)")
     p.add_argument("--nats-url", help="NATS server URL (default VIGIL_NATS_URL or nats://127.0.0.1:4222)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="serving processes sharing the listen port, e.g. one per core (default "
+                        "VIGIL_INGEST_WORKERS or 1); see vigil_ingest.workers")
     p.set_defaults(func=cmd_ingest)
 
     r = subparsers.add_parser("replay", help="replay PhysioNet 2019 stays through the ingest API")
@@ -39,19 +42,37 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import logging
 
     from vigil.settings import Settings
-    from vigil_ingest import bootstrap
+    from vigil_ingest import bootstrap, workers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(grpc_listen=args.listen, nats_url=args.nats_url)
+    n = workers.worker_count(args.workers)
+    if n > 1:
+        if workers.listen_port(settings.grpc_listen) == 0:
+            print(f"vigil ingest: --workers {n} needs a fixed listen port, not {settings.grpc_listen!r}",
+                  file=sys.stderr)
+            return 2
+        argv = ["--listen", settings.grpc_listen, "--nats-url", settings.nats_url]
+        return workers.supervise(n, argv)
+    reuse_port = workers.WORKER_ENV in os.environ  # one of several workers on the same port
 
     async def serve() -> None:
         # SIGTERM/SIGINT cancel run(), which then stops gracefully (drains in-flight batches).
+        # Only the first signal counts: a worker gets SIGTERM from its supervisor and, when a process
+        # group is signalled, directly too; a second cancel must not cut the drain short.
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+                loop.add_signal_handler(sig, lambda: None)
+            task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         with contextlib.suppress(asyncio.CancelledError):
-            await bootstrap.run(settings)
+            await bootstrap.run(settings, reuse_port=reuse_port)
 
     try:  # grpc.aio runs on uvloop too; it costs the server less CPU per message
         import uvloop

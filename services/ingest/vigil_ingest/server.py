@@ -482,16 +482,16 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
 
 def build_server(servicer: IngestServicer, *, max_concurrent_rpcs: int | None = 1024,
-                 options: list | None = None, interceptors: list | None = None
+                 options: list | None = None, interceptors: list | None = None, reuse_port: bool = False
                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with IngestService, DeviceService, grpc.health.v1.Health and server reflection
-    (not started)."""
+    (not started). `reuse_port`: SO_REUSEPORT on the listen socket (several worker processes)."""
     server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent_rpcs, interceptors=interceptors or None,
-                             options=options or [
+                             options=(options or [
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
-    ])
+    ]) + [("grpc.so_reuseport", 1 if reuse_port else 0)])
     handlers = {  # as the generated add_IngestServiceServicer_to_server, but StreamReadings keeps the wire bytes
         "StreamReadings": grpc.stream_stream_rpc_method_handler(
             servicer.StreamReadings, request_deserializer=RawRequest.parse,
