@@ -198,3 +198,29 @@ async def test_large_batches_are_stored_as_zstd_frames_unless_turned_off(nats_ur
 async def test_unknown_bus_compression_stops_the_start(nats_url):
     with pytest.raises(ValueError, match="VIGIL_BUS_COMPRESSION"):
         await bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats_url, bus_compression="gzip"))
+
+
+async def test_publisher_acks_duplicates_and_reports_what_jetstream_refuses(nats_url):
+    """The JetStream publisher on its own: PubAck per message, duplicates recognised, a subject no stream
+    holds and a stream mismatch reported as PublishUnavailable with the reason (never as stored)."""
+    from vigil_ingest.publisher import JetStreamPublisher, PublishUnavailable
+
+    nc = await nats.connect(nats_url)
+    try:
+        await bus.ensure_streams(nc.jetstream())
+        pub = JetStreamPublisher(nc, timeout=5)
+        await pub.start()
+        subject = bus.observation_subject(uid("pub"))
+        msg_id = uid("msg")
+        assert await pub.publish_batch(subject, b'{"resourceType":"Bundle"}', msg_id) == (True, False)
+        assert await pub.publish_batch(subject, b'{"resourceType":"Bundle"}', msg_id) == (True, True)
+        assert await count(nc.jetstream(), subject) == 1
+        with pytest.raises(PublishUnavailable, match="no stream answers"):
+            await pub.publish_batch(f"not-a-vigil-subject.{uid('x')}", b"{}", uid("msg"))
+        wrong = JetStreamPublisher(nc, timeout=5, stream="NOT_THE_STREAM")
+        with pytest.raises(PublishUnavailable, match="refused the message: expected stream"):
+            await wrong.publish_batch(subject, b"{}", uid("msg"))
+        assert await count(nc.jetstream(), subject) == 1
+        assert not pub._pending and not wrong._pending  # nothing left waiting
+    finally:
+        await nc.close()
