@@ -42,8 +42,18 @@ def _exporters(var: str) -> set[str]:
     return {e.strip().lower() for e in os.environ.get(var, "").split(",") if e.strip()}
 
 
+_PROVIDER_GLOBAL = hasattr(trace, "_TRACER_PROVIDER")
+
+
 def tracing_enabled() -> bool:
-    """True when an SDK TracerProvider is installed (spans are recorded)."""
+    """True when an SDK TracerProvider is installed (spans are recorded).
+
+    Asked per batch on the ingest hot path: the installed provider is read from the API's module
+    global, because `trace.get_tracer_provider()` looks up an environment variable on every call while
+    none is installed (Vigil installs its provider with `setup_telemetry`, never through
+    OTEL_PYTHON_TRACER_PROVIDER)."""
+    if _PROVIDER_GLOBAL:
+        return isinstance(trace._TRACER_PROVIDER, TracerProvider)
     return isinstance(trace.get_tracer_provider(), TracerProvider)
 
 
