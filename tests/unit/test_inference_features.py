@@ -51,6 +51,26 @@ def test_simple_values():
     assert x[3, col["n_measured"]] == 0 and x[2, col["n_measured_6h"]] == 2
 
 
+def test_sofa_and_slopes():
+    grid = np.full((32, F.N_KEYS), np.nan)
+    k = F.KEY_INDEX
+    grid[0, k["Platelets"]], grid[0, k["Creatinine"]] = 200, 1.0  # SOFA 0 + 0
+    grid[5, k["Platelets"]], grid[5, k["Creatinine"]] = 90, 2.5  # 2 + 2
+    grid[6, k["O2Sat"]], grid[6, k["FiO2"]] = 92, 50  # S/F 184 -> 3
+    grid[:3, k["HR"]] = [80, 82, 84]
+    grid[3:, k["HR"]] = 90
+    x = F.features_for_grid(grid)
+    col = {n: i for i, n in enumerate(F.feature_names())}
+    assert list(x[[0, 5, 6], col["sofa_partial"]]) == [0, 4, 7]
+    assert x[6, col["sofa_platelets"]] == 2 and x[6, col["sofa_creatinine"]] == 2 and x[6, col["sofa_resp_sf"]] == 3
+    assert x[6, col["sf_ratio"]] == 92 / 0.5
+    assert x[6, col["sofa_rise24h"]] == 7 and x[6, col["sofa_rise_since_first"]] == 7
+    assert x[29, col["sofa_rise24h"]] == 3 and x[30, col["sofa_rise24h"]] == 0  # rows 5..29, then 6..30
+    assert x[30, col["sofa_rise_since_first"]] == 7
+    assert np.isnan(x[1, col["HR_slope12h"]]) and x[2, col["HR_slope12h"]] == 2.0
+    assert np.isnan(x[23, col["HR_delta24h"]]) and x[24, col["HR_delta24h"]] == 10  # 90 - 80
+
+
 def test_last_value_by_effective_time_wins_and_duplicates_are_ignored():
     s = F.PatientState()
     assert s.add(10, "HR", 90.0, 36_010.0, "b")

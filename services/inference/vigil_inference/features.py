@@ -29,8 +29,11 @@ KEY_INDEX = {k: i for i, k in enumerate(KEYS)}
 N_KEYS = len(KEYS)
 TREND_KEYS: tuple[str, ...] = ("HR", "MAP", "Resp", "Temp", "O2Sat", "SBP")
 LONG_KEYS: tuple[str, ...] = ("HR", "MAP", "Resp", "Temp")
+# 24 h change and 12 h least-squares slope of the main vitals (slower trends than the 6 h window).
+SLOPE_KEYS: tuple[str, ...] = ("HR", "MAP", "SBP", "Resp", "Temp", "O2Sat")
 WINDOW = 6  # hours
 LONG_WINDOW = 24  # hours
+SLOPE_WINDOW = 12  # hours
 NEVER_HOURS = 1000.0  # "hours since last measurement" when a key was never measured (stays are <= 336 h)
 # Per-stay values from the EHR (vigil.ehr.demographics), NaN when unknown. The ICU length of stay is
 # computed per row from icu_admit_epoch (online) or ICULOS (offline); both give the same hours.
@@ -48,6 +51,10 @@ def feature_names() -> list[str]:
     for k in LONG_KEYS:
         names += [f"{k}_mean{LONG_WINDOW}h", f"{k}_min{LONG_WINDOW}h", f"{k}_max{LONG_WINDOW}h"]
     names += ["shock_index", "bun_creatinine", "news2_partial", "sirs_partial", "qsofa_partial"]
+    for k in SLOPE_KEYS:
+        names += [f"{k}_delta{LONG_WINDOW}h", f"{k}_slope{SLOPE_WINDOW}h"]
+    names += ["sofa_platelets", "sofa_bilirubin", "sofa_creatinine", "sofa_map", "sofa_resp_sf", "sf_ratio",
+              "sofa_partial", f"sofa_rise{LONG_WINDOW}h", "sofa_rise_since_first"]
     names += ["n_measured", f"n_measured_{WINDOW}h", "n_keys_ever", "hours_since_first"]
     names += list(STATIC_KEYS) + ["icu_hours"]
     return names
@@ -76,6 +83,38 @@ def _window_stats(vals: np.ndarray, width: int):
     dev = np.where(wmask, win - np.where(has, mean, 0.0)[:, :, None], 0.0)
     std = np.where(cnt >= 2, np.sqrt((dev * dev).sum(axis=2) / np.maximum(cnt, 1)), np.nan)
     return cnt, mean, wmin, wmax, std
+
+
+def _window_slope(vals: np.ndarray, width: int) -> np.ndarray:
+    """Least-squares slope (per hour) of the measured values in rows r-width+1..r; NaN below 3 values."""
+    pad = np.full((width - 1, vals.shape[1]), np.nan)
+    win = np.lib.stride_tricks.sliding_window_view(np.concatenate([pad, vals], axis=0), width, axis=0)
+    m = ~np.isnan(win)
+    t = np.arange(width, dtype=np.float64)
+    c = m.sum(axis=2)
+    st, stt = (m * t).sum(axis=2), (m * t * t).sum(axis=2)
+    w0 = np.where(m, win, 0.0)
+    sy, sty = w0.sum(axis=2), (w0 * t).sum(axis=2)
+    den = c * stt - st * st
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((c >= 3) & (den > 0), (c * sty - st * sy) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def sofa_from_last(last: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Partial SOFA (Vincent et al. 1996) from last known values, missing = 0: (platelets, bilirubin,
+    creatinine, MAP < 70 (no vasopressor data), respiration from the SpO2/FiO2 ratio, the S/F ratio).
+    Respiration uses SaO2 (else SpO2) / FiO2 with the S/F cut-offs 512/357/214/89 that correspond to
+    P/F 400/300/200/100 (Rice et al., Chest 2007); FiO2 unknown -> S/F unknown (scored 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pl, bi, cr = last["Platelets"], last["Bilirubin_total"], last["Creatinine"]
+        plat = np.select([pl < 20, pl < 50, pl < 100, pl < 150], [4, 3, 2, 1], 0).astype(np.float64)
+        bili = np.select([bi >= 12, bi >= 6, bi >= 2, bi >= 1.2], [4, 3, 2, 1], 0).astype(np.float64)
+        crea = np.select([cr >= 5, cr >= 3.5, cr >= 2, cr >= 1.2], [4, 3, 2, 1], 0).astype(np.float64)
+        card = (last["MAP"] < 70).astype(np.float64)
+        sat = np.where(np.isnan(last["SaO2"]), last["O2Sat"], last["SaO2"])
+        sf = sat / (np.clip(last["FiO2"], 21.0, 100.0) / 100.0)
+        resp = np.select([sf < 89, sf < 214, sf < 357, sf < 512], [4, 3, 2, 1], 0).astype(np.float64)
+    return plat, bili, crea, card, resp, sf
 
 
 def news2_from_last(last: dict[str, np.ndarray]) -> np.ndarray:
@@ -161,6 +200,23 @@ def features_for_grid(grid: np.ndarray, static: dict[str, float] | None = None,
     out[:, j + 3] = sirs_from_last(lv)
     out[:, j + 4] = qsofa_from_last(lv)
     j += 5
+
+    sidx = [KEY_INDEX[k] for k in SLOPE_KEYS]
+    slast = last[:, sidx]
+    d24 = np.full_like(slast, np.nan)
+    if n > LONG_WINDOW:
+        d24[LONG_WINDOW:] = slast[LONG_WINDOW:] - slast[:-LONG_WINDOW]
+    slope = _window_slope(grid[:, sidx], SLOPE_WINDOW)
+    for t in range(len(sidx)):
+        out[:, j] = d24[:, t]
+        out[:, j + 1] = slope[:, t]
+        j += 2
+    parts = sofa_from_last(lv)
+    sofa = parts[0] + parts[1] + parts[2] + parts[3] + parts[4]
+    pad = np.concatenate([np.full(LONG_WINDOW, np.inf), sofa])
+    min24 = np.lib.stride_tricks.sliding_window_view(pad, LONG_WINDOW + 1)[:n].min(axis=1)
+    out[:, j:j + 9] = np.stack([*parts, sofa, sofa - min24, sofa - np.minimum.accumulate(sofa)], axis=1)
+    j += 9
 
     per_row = measured.sum(axis=1).astype(np.float64)
     out[:, j] = per_row
