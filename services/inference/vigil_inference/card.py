@@ -64,8 +64,9 @@ XGBoost gradient-boosted trees (`binary:logistic`), {meta['best_iteration'] + 1}
 `{json.dumps(meta['params'])}`. Input: {len(meta['feature_names'])} features computed per patient and
 hourly interval by `vigil_inference.features` (the same code online and offline): last value, hours
 since last, change since the previous measurement, measurement counts for the 34 vitals and labs;
-6 h and 24 h windows of the main vitals; shock index, BUN/creatinine, partial NEWS2, SIRS and qSOFA;
-demographics from the EHR's Patient and Encounters (age, sex, hospital-to-ICU admission time, unit);
+6 h and 24 h windows, 24 h change and 12 h least-squares slope of the main vitals; shock index,
+BUN/creatinine, partial NEWS2, SIRS, qSOFA and a partial SOFA (platelets, bilirubin, creatinine,
+MAP < 70, SaO2 or SpO2 / FiO2) with its rise over 24 h and since the first measurement; demographics from the EHR's Patient and Encounters (age, sex, hospital-to-ICU admission time, unit);
 hours in ICU. Output: probability that the row is labelled septic (SepsisLabel, i.e. onset within
 6 h or already septic); alert (qualitativeRisk `high`) when probability >= {meta['threshold']:.4f}.
 Class imbalance is handled with `scale_pos_weight`; so the probabilities are *not* calibrated
@@ -78,12 +79,13 @@ limit {meta['limit']}). CC BY 4.0; Reyna et al., Crit Care Med 2020, doi:10.1097
 
 ## Training and evaluation protocol
 {meta['cv_folds']}-fold cross-validation grouped by patient and stratified by septic stay; inside each
-training fold 10 % of stays are held out for early stopping. Hyperparameter search over a small fixed
-grid `{json.dumps(meta['search'])}`: every configuration is
-screened on the first fold by AUROC, the best is cross-validated on all folds. The alert threshold maximises the challenge's
+training fold 10 % of stays are held out for early stopping (patience {meta.get('early_stopping_rounds', 50)} rounds on its
+AUROC). Configuration(s) `{json.dumps(meta['search'])}` (with several, each is screened on the
+first fold by AUROC and the best is cross-validated on all folds). The alert threshold maximises the challenge's
 normalized utility over all out-of-fold predictions; the utility below is cross-fitted (each fold at the
 threshold picked on the other folds). 95 % confidence intervals: percentile bootstrap over stays.
-The final model is refit on all stays with the median number of rounds.
+The final model is refit on all stays with the median number of rounds. Wall time of the whole
+`vigil train` run (features, CV, bootstrap, final fit): {meta['train_seconds']:.0f} s.
 
 ## Metrics (out-of-fold, set A)
 Normalized utility (cross-fitted): **{m['utility_cross_fitted']:.3f}**; at the deployed threshold on
