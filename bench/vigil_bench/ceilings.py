@@ -77,7 +77,7 @@ def start_grpc_server():
 
 
 def grpc_stream(payload: bytes, readings_per_message: int, *, procs: int, batches: int, streams: int = 2,
-                window: int = 64, server=None) -> dict:
+                window: int = 64, server=None, connections: int | None = None) -> dict:
     """Raw gRPC ceiling: the same multi-process pipelined client as the ingest scenario, against a
     Python grpc.aio server that only echoes a pre-serialized ack (no mapping, no bus)."""
     from vigil_bench.loadgen import run_grpc_clients
@@ -87,7 +87,7 @@ def grpc_stream(payload: bytes, readings_per_message: int, *, procs: int, batche
     try:
         r = run_grpc_clients(f"127.0.0.1:{port}", "/bench.Raw/Stream",
                              {"procs": procs, "batches": batches, "per_batch": readings_per_message,
-                              "streams": streams, "connections": streams, "window": window,
+                              "streams": streams, "connections": connections or streams, "window": window,
                               "raw_payload": payload})
     finally:
         if own:
