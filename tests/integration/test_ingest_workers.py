@@ -158,6 +158,20 @@ def test_a_dying_worker_stops_the_unit_with_an_error(nats_url):
         stop(proc)
 
 
+def test_workers_stop_when_the_supervisor_is_killed(nats_url):
+    port = devservers.free_port()
+    proc = start_workers(nats_url, port)
+    try:
+        kids = workers_of(proc, 2)
+        wait_listening([k.pid for k in kids], port)
+        proc.kill()  # SIGKILL: no chance to forward anything
+        proc.wait(10)
+        _, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive, f"workers left serving: {[k.pid for k in alive]}"
+    finally:
+        stop(proc)
+
+
 def test_workers_need_a_fixed_port(nats_url):
     proc = subprocess.run([sys.executable, "-m", "vigil.cli", "ingest", "--workers", "2", "--listen",
                            "127.0.0.1:0", "--nats-url", nats_url], check=False, capture_output=True, text=True,

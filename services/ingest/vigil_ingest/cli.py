@@ -55,6 +55,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         argv = ["--listen", settings.grpc_listen, "--nats-url", settings.nats_url]
         return workers.supervise(n, argv)
     reuse_port = workers.WORKER_ENV in os.environ  # one of several workers on the same port
+    if reuse_port:
+        workers.die_with_supervisor()
 
     async def serve() -> None:
         # SIGTERM/SIGINT cancel run(), which then stops gracefully (drains in-flight batches).

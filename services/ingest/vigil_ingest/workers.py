@@ -8,7 +8,7 @@ on the key-value bucket, device health is merged across writers. A gRPC stream i
 balance comes from many device connections (as from a real fleet), not from one.
 
 The supervisor forwards SIGTERM/SIGINT to every worker (each drains its in-flight batches) and exits
-when they have. When a worker dies on its own the supervisor stops the others and exits non-zero, so
+when they have; if the supervisor itself is killed, each worker gets SIGTERM (Linux parent-death signal). When a worker dies on its own the supervisor stops the others and exits non-zero, so
 the orchestrator restarts the whole unit rather than serving with less capacity than it believes.
 With VIGIL_METRICS_PORT=P, worker i serves its Prometheus metrics on P + i.
 """
@@ -22,6 +22,7 @@ import time
 
 WORKER_ENV = "VIGIL_INGEST_WORKER"  # set by the supervisor in each worker: its index
 WORKERS_ENV = "VIGIL_INGEST_WORKERS"
+SUPERVISOR_ENV = "VIGIL_INGEST_SUPERVISOR_PID"
 
 
 def worker_count(arg: int | None, env: dict[str, str] | None = None) -> int:
@@ -40,7 +41,7 @@ def listen_port(listen: str) -> int:
 
 
 def worker_env(env: dict[str, str], index: int) -> dict[str, str]:
-    out = {**env, WORKER_ENV: str(index), WORKERS_ENV: "1"}
+    out = {**env, WORKER_ENV: str(index), WORKERS_ENV: "1", SUPERVISOR_ENV: str(os.getpid())}
     if env.get("VIGIL_METRICS_PORT", "").strip():
         out["VIGIL_METRICS_PORT"] = str(int(env["VIGIL_METRICS_PORT"]) + index)
     return out
@@ -85,6 +86,18 @@ def supervise(n: int, argv: list[str], *, grace: float = 10.0, env: dict[str, st
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def die_with_supervisor() -> None:
+    """In a worker, at start: SIGTERM when the supervisor dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so no worker keeps serving on its own; exit at once if it is gone already."""
+    supervisor = int(os.environ.get(SUPERVISOR_ENV, "0") or 0)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if supervisor and os.getppid() != supervisor:
+        sys.exit(1)
 
 
 def _stop_all(procs: list[subprocess.Popen], grace: float) -> int:
