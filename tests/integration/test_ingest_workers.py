@@ -79,6 +79,19 @@ def stop(proc: subprocess.Popen) -> None:
             k.kill()
 
 
+@contextlib.contextmanager
+def running_workers(nats_url: str, n: int = 2):
+    """(supervisor, its n workers, port) once every worker listens; nothing is left behind afterwards."""
+    port = devservers.free_port()
+    proc = start_workers(nats_url, port, n)
+    try:
+        kids = workers_of(proc, n)
+        wait_listening([k.pid for k in kids], port)
+        yield proc, kids, port
+    finally:
+        stop(proc)
+
+
 async def register_and_bind(target: str, device: str, patient: str) -> None:
     async with grpc.aio.insecure_channel(target) as ch:
         stub = device_pb2_grpc.DeviceServiceStub(ch)
@@ -89,11 +102,7 @@ async def register_and_bind(target: str, device: str, patient: str) -> None:
 
 
 async def test_workers_share_one_port_and_store_every_batch_once(nats_url):
-    port = devservers.free_port()
-    proc = start_workers(nats_url, port)
-    try:
-        kids = workers_of(proc, 2)
-        wait_listening([k.pid for k in kids], port)
+    with running_workers(nats_url) as (proc, kids, port):
         target = f"127.0.0.1:{port}"
         run = uuid.uuid4().hex[:8]
         devices = [(f"wk-{run}-d{i}", f"wk-{run}-p{i}") for i in range(CONNECTIONS)]
@@ -139,37 +148,23 @@ async def test_workers_share_one_port_and_store_every_batch_once(nats_url):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
-    finally:
-        stop(proc)
 
 
 def test_a_dying_worker_stops_the_unit_with_an_error(nats_url):
-    port = devservers.free_port()
-    proc = start_workers(nats_url, port)
-    try:
-        kids = workers_of(proc, 2)
-        wait_listening([k.pid for k in kids], port)
+    with running_workers(nats_url) as (proc, kids, _):
         kids[0].kill()
         assert proc.wait(30) == 1
         out = proc.stdout.read()
         assert f"worker pid {kids[0].pid} exited" in out
         kids[1].wait(10)  # the other worker was stopped, not left serving alone
-    finally:
-        stop(proc)
 
 
 def test_workers_stop_when_the_supervisor_is_killed(nats_url):
-    port = devservers.free_port()
-    proc = start_workers(nats_url, port)
-    try:
-        kids = workers_of(proc, 2)
-        wait_listening([k.pid for k in kids], port)
+    with running_workers(nats_url) as (proc, kids, _):
         proc.kill()  # SIGKILL: no chance to forward anything
         proc.wait(10)
         _, alive = psutil.wait_procs(kids, timeout=15)
         assert not alive, f"workers left serving: {[k.pid for k in alive]}"
-    finally:
-        stop(proc)
 
 
 def test_workers_need_a_fixed_port(nats_url):
