@@ -72,3 +72,13 @@ class Settings:
                 values[f.name] = int(raw) if f.type in ("int", int) else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def offset_metrics_port(env: dict[str, str], offset: int) -> dict[str, str]:
+    """A copy of `env` with VIGIL_METRICS_PORT moved up by `offset` (several processes on one machine,
+    one Prometheus port each: `vigil up`'s services, `vigil ingest --workers`); unchanged when unset."""
+    out = dict(env)
+    port = out.get("VIGIL_METRICS_PORT", "").strip()
+    if port:
+        out["VIGIL_METRICS_PORT"] = str(int(port) + offset)
+    return out

@@ -106,9 +106,10 @@ def _without_metrics_port(env: dict[str, str]) -> dict[str, str]:
 def _service_env(env: dict[str, str], offset: int) -> dict[str, str]:
     """Telemetry is whatever the OTEL_* variables say (off when none is set). VIGIL_METRICS_PORT=N
     gives the gateway N, ingest N+1 and the worker N+2 (one port each on one machine), on loopback."""
-    out = dict(env)
+    from vigil.settings import offset_metrics_port
+
+    out = offset_metrics_port(env, offset)
     if out.get("VIGIL_METRICS_PORT"):
-        out["VIGIL_METRICS_PORT"] = str(int(out["VIGIL_METRICS_PORT"]) + offset)
         out.setdefault("VIGIL_METRICS_HOST", "127.0.0.1")
     return out
 

@@ -119,3 +119,18 @@ async def test_gateway_search_latency_and_metrics_route(monkeypatch):
     by_type = {p.attributes["fhir.resource_type"]: p.count for p in points}
     assert by_type == {"Observation": 1, "RiskAssessment": 1}
     assert all(p.attributes["http.response.status_code"] == 200 for p in points)
+
+
+def test_each_process_of_one_machine_gets_its_own_metrics_port():
+    from vigil_ingest.workers import worker_env
+
+    from vigil.settings import offset_metrics_port
+    from vigil.up import _service_env
+
+    assert offset_metrics_port({"VIGIL_METRICS_PORT": "9100", "X": "1"}, 2) == {"VIGIL_METRICS_PORT": "9102", "X": "1"}
+    assert offset_metrics_port({"X": "1"}, 2) == {"X": "1"}  # metrics off stays off
+    assert [worker_env({"VIGIL_METRICS_PORT": "9100"}, i)["VIGIL_METRICS_PORT"] for i in range(3)] == \
+        ["9100", "9101", "9102"]
+    assert _service_env({"VIGIL_METRICS_PORT": "9100"}, 1) == {"VIGIL_METRICS_PORT": "9101",
+                                                               "VIGIL_METRICS_HOST": "127.0.0.1"}
+    assert "VIGIL_METRICS_HOST" not in _service_env({}, 1)

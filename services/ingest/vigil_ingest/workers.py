@@ -8,8 +8,9 @@ on the key-value bucket, device health is merged across writers. A gRPC stream i
 balance comes from many device connections (as from a real fleet), not from one.
 
 The supervisor forwards SIGTERM/SIGINT to every worker (each drains its in-flight batches) and exits
-when they have; if the supervisor itself is killed, each worker gets SIGTERM (Linux parent-death signal). When a worker dies on its own the supervisor stops the others and exits non-zero, so
-the orchestrator restarts the whole unit rather than serving with less capacity than it believes.
+when they have; if the supervisor itself is killed, each worker gets SIGTERM (Linux parent-death
+signal). When a worker dies on its own the supervisor stops the others and exits non-zero, so the
+orchestrator restarts the whole unit rather than serving with less capacity than it believes.
 With VIGIL_METRICS_PORT=P, worker i serves its Prometheus metrics on P + i.
 """
 from __future__ import annotations
@@ -41,10 +42,10 @@ def listen_port(listen: str) -> int:
 
 
 def worker_env(env: dict[str, str], index: int) -> dict[str, str]:
-    out = {**env, WORKER_ENV: str(index), WORKERS_ENV: "1", SUPERVISOR_ENV: str(os.getpid())}
-    if env.get("VIGIL_METRICS_PORT", "").strip():
-        out["VIGIL_METRICS_PORT"] = str(int(env["VIGIL_METRICS_PORT"]) + index)
-    return out
+    from vigil.settings import offset_metrics_port
+
+    return {**offset_metrics_port(env, index), WORKER_ENV: str(index), WORKERS_ENV: "1",
+            SUPERVISOR_ENV: str(os.getpid())}
 
 
 def supervise(n: int, argv: list[str], *, grace: float = 10.0, env: dict[str, str] | None = None) -> int:
