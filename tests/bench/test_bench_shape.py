@@ -53,6 +53,9 @@ def test_ceilings(results):
             assert c["value"] > 0 and c["unit"], name
         else:
             assert c["reason"], name
+    xgb = doc["ceilings"]["xgboost_predict"]
+    if xgb["status"] == "ok":  # the model's size is part of that ceiling
+        assert isinstance(xgb["rounds"], int) and xgb["rounds"] >= 1, xgb
 
 
 def test_every_scenario_reported_or_skipped_with_reason(results):
