@@ -133,7 +133,7 @@ class SearchResult:
     `resources` decodes it only when something reads the dicts (compartment filter, _elements,
     _include, _pretty), so a plain search page is written into the response as stored (app.py)."""
 
-    __slots__ = ("total", "_resources", "raw", "has_more", "snapshot", "included", "_decode")
+    __slots__ = ("_decode", "_resources", "has_more", "included", "raw", "snapshot", "total")
 
     def __init__(self, total: int | None, resources: list[dict] | None = None, has_more: bool = False,
                  snapshot: int = 0, included: list[dict] | None = None, *, raw: list[bytes] | None = None,
