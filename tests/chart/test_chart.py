@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "vigil"
 SCRIPT = REPO / "scripts" / "chart-check.sh"
-CASES = ["default", "minimal-values", "production-values", "existing-nats-values"]
+CASES = ["default", "minimal-values", "production-values", "existing-nats-values", "partitioned-worker-values"]
 POD_KINDS = {"Deployment", "Job", "Pod"}
 
 
@@ -111,7 +111,12 @@ def test_default_deny_network_policy(rendered, case):
 def test_probes_on_real_endpoints(rendered):
     docs = rendered["default"]
     ingest = _by(docs, "Deployment", "ingest")[0]["spec"]["template"]["spec"]["containers"][0]
-    assert ingest["livenessProbe"]["grpc"]["port"] == 50051 and ingest["readinessProbe"]["grpc"]["port"] == 50051
+    assert ingest["startupProbe"]["grpc"]["port"] == 50051 and ingest["readinessProbe"]["grpc"]["port"] == 50051
+    # ingest's grpc.health.v1 status is NOT_SERVING while NATS is down: liveness must not follow it (a NATS
+    # outage would restart every ingest pod into a crash loop); it checks the gRPC port only.
+    assert "grpc" not in ingest["livenessProbe"], ingest["livenessProbe"]
+    assert ingest["livenessProbe"]["tcpSocket"]["port"] in (50051, "grpc")
+    assert any(p["name"] == "grpc" and p["containerPort"] == 50051 for p in ingest["ports"])
     gateway = _by(docs, "Deployment", "gateway")[0]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -206,3 +211,131 @@ def test_telemetry_env_and_collector_egress(tmp_path):
     for d in docs:
         if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].rsplit("-", 1)[-1] in ("ingest", "worker", "gateway"):
             assert any(p["port"] == 4317 for rule in d["spec"]["egress"] for p in rule["ports"]), d["metadata"]["name"]
+
+
+def _render(tmp_path: pathlib.Path, *args: str) -> list[dict]:
+    """helm template with these arguments; every object validated against the Kubernetes 1.31 schemas."""
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    out = _helm_template(tmp_path, *args)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kv = pytest.importorskip("kubernetes_validate")
+    for doc in docs:
+        if doc["kind"] != "ServiceMonitor":
+            kv.validate(doc, "1.31.0", strict=True)
+    return docs
+
+
+def test_worker_replicas_are_partitions(tmp_path):
+    """worker.replicaCount N > 1: N one-pod Deployments, partition i of N each, no shared durable consumer.
+
+    One Deployment with N replicas would run N identical `vigil worker` (partition 0 of 1) on ONE durable
+    consumer: JetStream spreads each patient's readings over the pods and every per-patient state is split.
+    """
+    docs = _render(tmp_path, "--set", "worker.replicaCount=3", "--set", "worker.allowMultipleReplicas=true")
+    workers = _by(docs, "Deployment", "worker")
+    assert len(workers) == 3
+    seen = set()
+    for d in workers:
+        spec = d["spec"]
+        assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate", d["metadata"]["name"]
+        args = spec["template"]["spec"]["containers"][0]["args"]
+        assert args[0] == "worker" and args.count("--partitions") == 1 and args.count("--partition") == 1, args
+        part, parts = int(args[args.index("--partition") + 1]), int(args[args.index("--partitions") + 1])
+        assert parts == 3
+        seen.add(part)
+        # the selector picks this partition's pod only, and the pod carries the labels the PDB/NetworkPolicy use
+        sel = spec["selector"]["matchLabels"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert sel.items() <= labels.items() and sel["vigil/worker-partition"] == str(part)
+        assert labels["app.kubernetes.io/component"] == "worker"
+    assert seen == {0, 1, 2}
+    assert len({d["metadata"]["name"] for d in workers}) == 3
+    # a single worker keeps its Deployment name, selector and plain `vigil worker`
+    single = _by(_render(tmp_path / "one"), "Deployment", "worker")
+    assert [d["metadata"]["name"] for d in single] == ["t-vigil-worker"]
+    assert single[0]["spec"]["replicas"] == 1 and single[0]["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker"]
+    assert "vigil/worker-partition" not in single[0]["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "worker.autoscaling.enabled=true", "--set", "worker.allowMultipleReplicas=true"], "re-partition"),
+    (["--set", "worker.extraArgs={--partitions=3}"], "--partitions=3"),
+])
+def test_worker_partition_count_cannot_drift(tmp_path, args, message):
+    """The partition count comes from worker.replicaCount only: no HPA on the worker, no --partition(s) flags."""
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    bad = _helm_template(tmp_path, *args)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+
+
+def test_gateway_public_base_url(tmp_path):
+    """The gateway writes its base URL into every Bundle link and Location header: never http://0.0.0.0:8080."""
+    def base(docs):
+        gw = _by(docs, "Deployment", "gateway")[0]["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in gw["env"]}.get("VIGIL_PUBLIC_BASE_URL")
+
+    assert base(_render(tmp_path / "a")) == "http://t-vigil-gateway.default.svc:8080/fhir"
+    assert base(_render(tmp_path / "b", "--set", "gateway.publicBaseUrl=https://vigil.example/fhir")) == \
+        "https://vigil.example/fhir"
+
+
+def test_gateway_scrape_with_restricted_gateway_peers(tmp_path):
+    """serviceMonitor.gateway + ingress.gateway peers: monitoring peers join the gateway's `from` list, and
+    without any the chart says so (it used to emit unparsable YAML: an empty list inside `from`)."""
+    common = ["--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.gateway=true",
+              "--set", "networkPolicy.ingress.gateway[0].namespaceSelector.matchLabels.team=edge"]
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    bad = _helm_template(tmp_path / "bad", *common)
+    assert bad.returncode != 0 and "networkPolicy.ingress.monitoring" in bad.stderr, bad.stderr
+    docs = _render(tmp_path / "ok", *common,
+                   "--set", "networkPolicy.ingress.monitoring[0].namespaceSelector.matchLabels.team=monitoring")
+    np = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "t-vigil-gateway")
+    peers = np["spec"]["ingress"][0]["from"]
+    teams = [p.get("namespaceSelector", {}).get("matchLabels", {}).get("team") for p in peers]
+    assert "edge" in teams and "monitoring" in teams
+
+
+@pytest.mark.parametrize("args, ok", [
+    (["--set", "nats.config.cluster.enabled=false"], False),
+    (["--set", "nats.config.cluster.replicas=2"], False),
+    (["--set", "nats.config.cluster.enabled=false", "--set", "bus.streamReplicas=1"], True),
+    (["--set", "nats.enabled=false", "--set", "externalNats.url=nats://n:4222"], True),
+])
+def test_stream_replicas_fit_the_bundled_nats(tmp_path, args, ok):
+    """VIGIL_STREAM_REPLICAS above the bundled JetStream server count makes every service fail at start-up
+    (stream create/update refused): the chart says so at install time instead."""
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    out = _helm_template(tmp_path, *args)
+    if ok:
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.returncode != 0 and "bus.streamReplicas=3" in out.stderr, out.stderr
+
+
+def test_egress_opens_the_ports_the_services_dial(tmp_path):
+    """ci/minimal-values.yaml has Keycloak on http://...:8080 (issuer) and a pooler port is one value away:
+    the default-deny egress must open those ports, not only the 443/8443 and 5432 defaults."""
+    docs = _render(tmp_path, "-f", str(CHART / "ci" / "minimal-values.yaml"), "--set", "postgresql.port=6432",
+                   "--set", "keycloak.realmImport.enabled=true",
+                   "--set", "keycloak.realmImport.url=https://kc-admin.example:9443")
+    policies = {d["metadata"]["name"].removeprefix("t-vigil-"): d for d in docs if d["kind"] == "NetworkPolicy"}
+
+    def ports(name):
+        return [[p["port"] for p in rule["ports"]] for rule in policies[name]["spec"]["egress"]]
+
+    for name in ("gateway", "ingest"):
+        assert any(8080 in rule for rule in ports(name)), (name, ports(name))
+    assert any(6432 in rule for rule in ports("gateway")), ports("gateway")
+    assert any(6432 in rule for rule in ports("migration")), ports("migration")
+    assert any(9443 in rule for rule in ports("realm-import")), ports("realm-import")
+    # no duplicates when the derived port is already listed (default values: 5432, https issuer -> 443)
+    for rule in ports("gateway") + ports("ingest"):
+        assert len(rule) == len(set(rule)), rule
+    default = {d["metadata"]["name"]: d for d in _render(tmp_path / "d") if d["kind"] == "NetworkPolicy"}
+    for rule in default["t-vigil-gateway"]["spec"]["egress"]:
+        assert len(rule["ports"]) == len({p["port"] for p in rule["ports"]}), rule

@@ -219,10 +219,26 @@ readinessProbe:
 {{- fail "nats.enabled=false needs externalNats.url or externalNats.existingSecret" }}
 {{- end }}
 {{- if and .Values.worker.enabled (gt (int .Values.worker.replicaCount) 1) (not .Values.worker.allowMultipleReplicas) }}
-{{- fail "worker.replicaCount > 1: the worker keeps per-patient state in memory; set worker.allowMultipleReplicas=true only once it partitions patients (docs/operations.md, Scaling)" }}
+{{- fail "worker.replicaCount > 1: the worker keeps per-patient state in memory, so N replicas are N partitions of the patients (one Deployment each, `--partition i --partitions N`) and changing N replays the streams into new durable consumers; set worker.allowMultipleReplicas=true to confirm (docs/operations.md, Scaling)" }}
 {{- end }}
-{{- if and .Values.worker.enabled .Values.worker.autoscaling.enabled (not .Values.worker.allowMultipleReplicas) }}
-{{- fail "worker.autoscaling.enabled needs worker.allowMultipleReplicas=true (see docs/operations.md, Scaling)" }}
+{{- if and .Values.worker.enabled .Values.worker.autoscaling.enabled }}
+{{- fail "worker.autoscaling.enabled: the worker's partition count is worker.replicaCount (one Deployment per partition); an HPA cannot re-partition patients, scale with worker.replicaCount (docs/operations.md, Scaling)" }}
+{{- end }}
+{{- range .Values.worker.extraArgs }}
+{{- if hasPrefix "--partition" . }}
+{{- fail (printf "worker.extraArgs %q: the chart derives --partition/--partitions from worker.replicaCount (one Deployment per partition); remove it" .) }}
+{{- end }}
+{{- end }}
+{{- if .Values.nats.enabled }}
+{{- $cluster := dig "config" "cluster" dict .Values.nats }}
+{{- $servers := ternary (int (dig "replicas" 3 $cluster)) 1 (dig "enabled" false $cluster | eq true) }}
+{{- if gt (int .Values.bus.streamReplicas) $servers }}
+{{- fail (printf "bus.streamReplicas=%d but the bundled NATS runs %d JetStream server(s) (nats.config.cluster): the services could not create their streams; lower bus.streamReplicas (1 for a single server)" (int .Values.bus.streamReplicas) $servers) }}
+{{- end }}
+{{- end }}
+{{- $np := .Values.networkPolicy }}
+{{- if and $np.enabled .Values.gateway.enabled .Values.serviceMonitor.enabled .Values.serviceMonitor.gateway $np.ingress.gateway (not $np.ingress.monitoring) }}
+{{- fail "serviceMonitor.gateway with networkPolicy.ingress.gateway peers needs networkPolicy.ingress.monitoring peers (Prometheus): the gateway serves /metrics on its API port 8080, so \"empty = anywhere\" would open the FHIR API to every pod" }}
 {{- end }}
 {{- if and .Values.model.enabled (eq .Values.model.store.source "existingClaim") (not .Values.model.store.existingClaim) }}
 {{- fail "model.store.source=existingClaim needs model.store.existingClaim" }}
