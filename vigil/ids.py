@@ -7,11 +7,12 @@ import uuid
 from collections.abc import Callable
 
 _NS = uuid.UUID("6f1c3c8e-6b0e-4a8e-9a37-1f0b6c2d9e11")
-FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def is_fhir_id(value: str) -> bool:
-    return bool(FHIR_ID.match(value))
+    """[A-Za-z0-9-.]{1,64} and nothing else (fullmatch: a `$` anchor would let a trailing newline through)."""
+    return FHIR_ID.fullmatch(value) is not None
 
 
 def observation_id(device_id: str, sequence: int) -> str:

@@ -508,3 +508,33 @@ async def test_replay_registers_binds_and_writes_patient_and_encounters(ingest, 
         server.should_exit = True
         await task
         store.close()
+
+
+async def test_error_malformed_ids_are_invalid_argument_not_unavailable(ingest):
+    """Ids the KV bucket or a NATS subject cannot take are INVALID_ARGUMENT (they were UNAVAILABLE, which
+    clients retry forever, or UNKNOWN), including a trailing newline, which vigil.ids' `$` lets through."""
+    _srv, _js, ch, client = ingest
+    dstub = device_pb2_grpc.DeviceServiceStub(ch)
+    for device in ("", "bad id", "a*b", "mon-1\n"):
+        for call, field in (
+            (dstub.BindPatient(device_pb2.BindPatientRequest(device_id=device, binding=device_pb2.Binding(
+                patient_id="p1", start_time=make_reading(1, "8867-4", 1, "/min", T).effective_time))), "device_id"),
+            (dstub.UnbindPatient(device_pb2.UnbindPatientRequest(
+                device_id=device, end_time=make_reading(1, "8867-4", 1, "/min", T).effective_time)), "device_id"),
+            (dstub.RegisterDevice(device_pb2.RegisterDeviceRequest(device=device_pb2.Device(device_id=device))),
+             "device.device_id"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (device, e.value)
+            assert details(e.value, error_details_pb2.BadRequest)[0].field_violations[0].field == field
+    device = uid("mon")
+    await client.register_device(device)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await client.bind_patient(device, "p1\n", T - 60)  # was accepted: then every batch failed UNKNOWN
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(e.value, error_details_pb2.BadRequest)[0].field_violations[0].field == "binding.patient_id"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stream(ch, batch(device + "\n", 1))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in details(e.value, error_details_pb2.BadRequest)[0].field_violations] == ["device_id"]

@@ -137,3 +137,11 @@ def test_prepared_batch_is_one_message_with_idempotent_id():
     doc = json.loads(p.body)
     assert doc["resourceType"] == "Bundle" and doc["type"] == "collection"
     assert [e["resource"]["valueQuantity"]["value"] for e in doc["entry"]] == [72.0, 37.2]
+
+
+def test_fhir_id_refuses_a_trailing_newline():
+    from vigil.ids import is_fhir_id
+
+    assert is_fhir_id("p000001") and is_fhir_id("a" * 64) and is_fhir_id("dev-1.2")
+    for bad in ("p000001\n", "", "a" * 65, "bad id", "a*b", "\np1"):
+        assert not is_fhir_id(bad), bad

@@ -394,19 +394,24 @@ REFUSED = {
     "replaced code invalid UTF-8": DEVICE + _ld(3, _ld(2, b"\xe2\x82") + GOOD_READING),
     "readings as a varint": DEVICE + _key(3, 0) + b"\x01",
     "device_status malformed": GOOD + _ld(4, b"\x09\x00"),
-}
-# Valid for the Python path, but left to it: panels, merge semantics, unusual encodings, or a time the
-# fast path does not take on (years past 9999, negative or out-of-range nanos). Answered None, whatever
-# Python makes of them.
-LEFT_TO_PYTHON = {
-    "effective_time twice in a reading": DEVICE + _ld(3, GOOD_READING + _ld(6, _key(1, 0) + _varint(int(T)))),
+    # refused by the Python path too (they used to be published: invalid FHIR, or an UNKNOWN error)
     "year 10000": DEVICE + _ts_reading(LAST_SECOND + 1, 0),
     "rounds up to year 10000": DEVICE + _ts_reading(LAST_SECOND, 999_999_999),
+    "year 10^10": DEVICE + _ts_reading(2**62, 0),
     "negative nanos": DEVICE + _ts_reading(int(T), -1),
     "nanos of 1e9": DEVICE + _ts_reading(int(T), 1_000_000_000),
-    "negative seconds, positive epoch": DEVICE + _ts_reading(-1, 0),
     "conversion overflows to inf": _b([_r(1, "59408-5", 1e307, "1")]),
-    "device id with a trailing newline": _b([_r()], device="monitor-1\n"),  # Python's `$` accepts it
+    "device id with a trailing newline": _b([_r()], device="monitor-1\n"),  # vigil.ids' `$` accepts it
+    "battery percent NaN": GOOD + _ld(4, ingest_pb2.DeviceStatus(battery_percent=math.nan).SerializeToString()),
+    "battery percent -1": GOOD + _ld(4, ingest_pb2.DeviceStatus(battery_percent=-1).SerializeToString()),
+    "signal quality 100.5": GOOD + _ld(4, ingest_pb2.DeviceStatus(signal_quality=100.5).SerializeToString()),
+    "signal quality inf": GOOD + _ld(4, ingest_pb2.DeviceStatus(signal_quality=math.inf).SerializeToString()),
+}
+# Valid for the Python path, but left to it: panels, merge semantics, unusual encodings. Answered None,
+# whatever Python makes of them.
+LEFT_TO_PYTHON = {
+    "effective_time twice in a reading": DEVICE + _ld(3, GOOD_READING + _ld(6, _key(1, 0) + _varint(int(T)))),
+    "negative seconds, positive epoch": DEVICE + _ts_reading(-1, 0),
     # a known field with another wire type (upb keeps it as an unknown field)
     "blood pressure panel": _b([_r(), BP]),  # panels go to the Python path
     "unknown group": GOOD + _key(9, 3) + _key(9, 4),

@@ -353,3 +353,44 @@ async def test_native_and_python_paths_publish_the_same_messages():
     assert n_msgs == p_msgs
     assert [s for s, _, _ in n_msgs][-4:-2] == ["vigil.v1.observation.p000005", "vigil.v1.observation.p000006"]
     assert counting.taken == 9  # 4 + monitor-2 + 2 x monitor-5 + 2 uploaded; the straddling batch went the Python way
+
+
+async def test_edge_values_are_invalid_argument_naming_each_field(served):
+    """Out-of-range times, nanos, a value overflowing in the catalogue unit and a bad device_status are
+    refused with their field paths (they used to be published as invalid FHIR or end in UNKNOWN)."""
+    _, pub, ch = served
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+    b = batch(1, n=6)
+    b.readings[1].effective_time.seconds = 253_402_300_800  # 10000-01-01
+    b.readings[2].effective_time.seconds = 2**62            # gmtime overflow (was UNKNOWN)
+    b.readings[3].effective_time.nanos = -5
+    b.readings[4].CopyFrom(make_reading(5, "8480-6", 1e308, "kPa", T))  # inf mm[Hg] (was published as null)
+    b.device_status.battery_percent = float("nan")
+    b.device_status.signal_quality = 101
+    for call in ("upload", "stream"):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            if call == "upload":
+                await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[b]))
+            else:
+                async for _ in stub.StreamReadings(iter([ingest_pb2.StreamReadingsRequest(batch=b)])):
+                    pass
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        prefix = "batches[0]." if call == "upload" else ""
+        assert [f for f, _ in bad_request(e.value)] == [prefix + f for f in (
+            "device_status.battery_percent", "device_status.signal_quality", "readings[1].effective_time",
+            "readings[2].effective_time", "readings[3].effective_time", "readings[4].value")]
+    assert pub.messages == []
+
+
+async def test_readings_without_time_are_named_not_the_optional_patient_id(served):
+    _, pub, ch = served
+    b = ingest_pb2.ReadingBatch(device_id="monitor-1", readings=[
+        ingest_pb2.Reading(sequence=1, code="8867-4", value=70, unit="/min"),
+        make_reading(2, "8867-4", 70, "/min", T)])
+    b.readings[1].effective_time.seconds = -60
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await ingest_pb2_grpc.IngestServiceStub(ch).UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[b]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(e.value)] == [
+        "batches[0].readings[0].effective_time", "batches[0].readings[1].effective_time"]
+    assert pub.messages == []

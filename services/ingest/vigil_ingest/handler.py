@@ -7,6 +7,8 @@ the publisher confirmed the message is durable.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 from vigil import bus
@@ -14,6 +16,99 @@ from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import ingest_pb2
 from vigil.observation import Violation, format_instant, map_batch
 from vigil_ingest.publisher import Publisher
+
+# google.protobuf.Timestamp's range ends at 9999-12-31T23:59:59.999999999Z, and so do FHIR's 4-digit years:
+# an effective time at or past 10000-01-01T00:00:00Z (as an epoch float) cannot be an Observation.
+END_OF_TIME = 253_402_300_800.0
+_UNRESOLVED = "unresolved"  # stands in for the patient while only collecting violations (never published)
+_READING_INDEX = re.compile(r"readings\[(\d+)\]")
+
+
+def _epoch(ts) -> float:
+    """As reading_tuples and the native scan: seconds + nanos / 1e9."""
+    return ts.seconds + ts.nanos / 1e9 if ts.nanos else float(ts.seconds)
+
+
+def _time_problem(ts) -> str | None:
+    """Why an effective_time that is set cannot be used (None: fine, or unset: map_batch reports that)."""
+    if not 0 <= ts.nanos < 1_000_000_000:
+        return f"nanos is {ts.nanos}; it must be 0 to 999,999,999"
+    if ts.seconds < 0:
+        return "effective_time must not be before 1970-01-01T00:00:00Z"
+    if _epoch(ts) >= END_OF_TIME:
+        return "effective_time must be before 10000-01-01T00:00:00Z"
+    return None
+
+
+def _usable_time(ts) -> float | None:
+    """The epoch of an effective_time resolve_patient can place in a binding, else None."""
+    if _time_problem(ts) is not None:
+        return None
+    t = _epoch(ts)
+    return t if t > 0 else None
+
+
+def status_violations(batch: ingest_pb2.ReadingBatch) -> list[Violation]:
+    """device_status: battery percent and signal quality are finite numbers from 0 to 100."""
+    if not batch.HasField("device_status"):
+        return []
+    st, out = batch.device_status, []
+    for name in ("battery_percent", "signal_quality"):
+        if st.HasField(name):
+            v = getattr(st, name)
+            if not (math.isfinite(v) and 0.0 <= v <= 100.0):
+                out.append(Violation(f"device_status.{name}", f"is {v!r}; it must be a number from 0 to 100"))
+    return out
+
+
+def _edge_violations(batch: ingest_pb2.ReadingBatch, catalogue: Catalogue, readings: list[tuple]
+                     ) -> tuple[list[Violation], list[tuple]]:
+    """What map_batch does not catch: an effective_time outside 1970..9999 or with nanos out of range,
+    a value that overflows to infinity in the catalogue unit. Returns the
+    violations and `readings` with each such field replaced by a harmless one, so that map_batch still
+    reports every other problem of the batch."""
+    out: list[Violation] = []
+    clean = readings
+    for i, r in enumerate(batch.readings):
+        fixed = None
+        if r.HasField("effective_time"):
+            problem = _time_problem(r.effective_time)
+            if problem is not None:
+                out.append(Violation(f"readings[{i}].effective_time", problem))
+                fixed = list(readings[i])
+                fixed[5] = 1.0
+        m = catalogue.lookup(r.code, r.system)
+        if m is not None and not m.components and math.isfinite(r.value):
+            c = m.to_canonical(r.value, r.unit)
+            if c is not None and not math.isfinite(c):
+                out.append(Violation(f"readings[{i}].value", f"{r.value!r} {r.unit} is out of range in {m.ucum}"))
+                fixed = fixed or list(readings[i])
+                fixed[3], fixed[4] = 0.0, m.ucum
+        elif m is not None and m.components:
+            comps = None
+            for j, comp in enumerate(r.components):
+                cm = catalogue.lookup(comp.code, comp.system)
+                if cm is None or not math.isfinite(comp.value):
+                    continue
+                c = cm.to_canonical(comp.value, comp.unit)
+                if c is not None and not math.isfinite(c):
+                    out.append(Violation(f"readings[{i}].components[{j}].value",
+                                         f"{comp.value!r} {comp.unit} is out of range in {cm.ucum}"))
+                    comps = comps or list(readings[i][6])
+                    comps[j] = (comp.code, comp.system, 0.0, cm.ucum)
+            if comps is not None:
+                fixed = fixed or list(readings[i])
+                fixed[6] = tuple(comps)
+        if fixed is not None:
+            if clean is readings:
+                clean = list(readings)
+            clean[i] = tuple(fixed)
+    return out, clean
+
+
+def _by_reading(v: Violation) -> int:
+    m = _READING_INDEX.match(v.field)
+    return int(m.group(1)) if m else -1
 
 
 class BatchRejected(Exception):
@@ -54,10 +149,9 @@ def resolve_patient(batch: ingest_pb2.ReadingBatch, record, *, batch_index: int 
     bindings = record.bindings
     single = bindings[0] if len(bindings) == 1 else None
     for i, r in enumerate(batch.readings):
-        ts = r.effective_time
-        t = ts.seconds + ts.nanos / 1e9 if ts.nanos else float(ts.seconds)  # as reading_tuples and the native scan
-        if t <= 0:
-            continue  # reported by map_batch as a missing effective_time
+        t = _usable_time(r.effective_time)
+        if t is None:
+            continue  # missing or out of range: reported by prepare_batch
         if single is not None and single[1] <= t and (single[2] is None or t < single[2]):
             p = single[0]
         else:
@@ -128,8 +222,15 @@ def prepare_batch(batch: ingest_pb2.ReadingBatch, catalogue: Catalogue | None = 
     """
     catalogue = catalogue or load_catalogue()
     patient = batch.patient_id if patient_id is None else patient_id
+    # An empty resolved patient: no reading has a usable effective_time, so the batch is refused; map it
+    # for a stand-in patient to name those readings (not the optional patient_id).
+    mapped_for = _UNRESOLVED if patient_id is not None and not patient else patient
     readings = reading_tuples(batch)
-    observations, violations = map_batch(catalogue, batch.device_id, patient, readings)
+    edge, checked = _edge_violations(batch, catalogue, readings)
+    observations, violations = map_batch(catalogue, batch.device_id, mapped_for, checked)
+    violations = sorted(edge + violations + status_violations(batch), key=_by_reading)
+    if not violations and mapped_for != patient:
+        violations = [Violation("readings", "no reading has an effective_time")]  # not reached: map_batch says so
     if violations:
         raise BatchRejected(violations, batch_index=batch_index)
     seqs = [r[0] for r in readings]

@@ -9,8 +9,8 @@
         ...                                # the Python path (it reports the precise violations)
 
 The extension (services/ingest/native, built by scripts/build-native.sh into vigil_ingest/_native.abi3.so)
-covers only the common all-valid case and answers None for anything else: a violation of any kind, a panel
-reading (components), an odd or malformed protobuf encoding. Implausible values (flagged "preliminary")
+covers only the common all-valid case and answers None for anything else: a violation of any kind (device_status
+values included), a panel reading (components), an odd or malformed protobuf encoding. Implausible values (flagged "preliminary")
 and unit conversions are on the fast path.
 
 One source of truth for the FHIR shape: the Rust side holds no FHIR constants of its own beyond the key
@@ -35,7 +35,7 @@ from vigil.observation import MAX_BATCH, _parts
 log = logging.getLogger(__name__)
 
 ENV = "VIGIL_INGEST_NATIVE"
-ABI = 1  # must equal the extension's ABI (services/ingest/native/src/lib.rs)
+ABI = 2  # must equal the extension's ABI (services/ingest/native/src/lib.rs)
 
 _LOADED: dict[int, tuple[Catalogue, FastMapper | None]] = {}
 

@@ -61,6 +61,11 @@ class RegistryUnavailable(RegistryError):
     kind = "unavailable"
 
 
+def _check_device_id(device_id: str, field: str = "device_id") -> None:
+    if not is_fhir_id(device_id):
+        raise InvalidRequest("device_id must match [A-Za-z0-9-.]{1,64}", field=field)
+
+
 # -- storage port -------------------------------------------------------------------------------
 
 class CasFailed(Exception):
@@ -329,8 +334,7 @@ class Registry:
         return rec
 
     async def get(self, device_id: str, vendor: str | None) -> DeviceRecord:
-        if not is_fhir_id(device_id):
-            raise InvalidRequest("device_id must match [A-Za-z0-9-.]{1,64}", field="device_id")
+        _check_device_id(device_id)
         rec = await self.fetch(device_id)
         if rec is None:
             raise DeviceNotFound(f"device {device_id} is not registered", subject=f"devices/{device_id}")
@@ -370,8 +374,7 @@ class Registry:
 
     async def register(self, device_id: str, vendor: str, *, manufacturer: str = "", model: str = "",
                        serial_number: str = "", display_name: str = "", now: float | None = None) -> DeviceRecord:
-        if not is_fhir_id(device_id):
-            raise InvalidRequest("device_id must match [A-Za-z0-9-.]{1,64}", field="device.device_id")
+        _check_device_id(device_id, "device.device_id")
         now = time.time() if now is None else now
 
         def change(cur):
@@ -385,6 +388,7 @@ class Registry:
 
     async def bind(self, device_id: str, vendor: str, patient_id: str, start: float, end: float | None
                    ) -> DeviceRecord:
+        _check_device_id(device_id)
         if not is_fhir_id(patient_id):
             raise InvalidRequest("patient_id must match [A-Za-z0-9-.]{1,64}", field="binding.patient_id")
         if start <= 0:
@@ -410,6 +414,7 @@ class Registry:
         return await self._modify(device_id, change)
 
     async def unbind(self, device_id: str, vendor: str, end: float) -> DeviceRecord:
+        _check_device_id(device_id)
         def change(cur):
             if cur is None:
                 raise DeviceNotFound(f"device {device_id} is not registered", subject=f"devices/{device_id}")

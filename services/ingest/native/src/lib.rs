@@ -25,7 +25,7 @@ use pyo3::types::PyBytes;
 use sha1::{Digest, Sha1};
 
 /// Bumped whenever the Python <-> Rust contract changes; native.py refuses a stale build.
-const ABI: u32 = 1;
+const ABI: u32 = 2;
 /// Largest whole epoch second Python formats as a 4-digit year: 9999-12-31T23:59:59Z.
 const MAX_WHOLE_SECONDS: f64 = 253_402_300_799.0;
 /// Release the GIL while encoding inputs at least this large (about 1,000 readings).
@@ -215,13 +215,17 @@ fn parse_reading(b: &[u8]) -> Option<RawReading<'_>> {
     Some(r)
 }
 
-/// DeviceStatus is ignored by the mapping, but must be well formed (Python would fail to parse it).
+/// DeviceStatus is ignored by the mapping, but must be well formed (Python would fail to parse it) and
+/// its battery percent and signal quality finite numbers in 0 ..= 100 (`handler.status_violations`).
 fn check_device_status(b: &[u8]) -> Option<()> {
     let mut w = Wire::new(b);
     while !w.done() {
         match w.key()? {
             (1 | 2, 1) => {
-                w.fixed64()?;
+                let v = f64::from_bits(w.fixed64()?);
+                if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
+                    return None;
+                }
             }
             (1 | 2, _) => return None,
             (_, wt) => w.skip(wt)?,
