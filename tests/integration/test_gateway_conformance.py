@@ -143,6 +143,74 @@ async def test_update_as_create_and_errors(client):
     r = await client.get("/fhir/Observation/o1", params={"_format": "application/fhir+json", "_pretty": "true"})
     assert r.status_code == 200 and b"\n  " in r.content
     outcome(await client.delete("/fhir/Patient/p1"), 405)
+    # update-as-create with an id FHIR does not allow: a bad request, not "not found"
+    o = outcome(await client.put("/fhir/Patient/bad_id!", json={"resourceType": "Patient", "id": "bad_id!"}), 400)
+    assert o["issue"][0]["code"] == "invalid" and "id" in o["issue"][0]["diagnostics"]
+
+
+async def test_token_search_with_escaped_pipe(client, store):
+    store.upsert_many([{**patient("pipe1"), "identifier": [{"system": "urn:acme", "value": "A|7"}]}])
+    assert await ids(client, "Patient", {"identifier": "urn:acme|A\\|7"}) == ["pipe1"]
+    assert await ids(client, "Patient", {"identifier": "A\\|7"}) == ["pipe1"]
+
+
+async def test_instance_history_since_after_last_change_is_empty_not_404(client):
+    # http.html#history: _since narrows the versions; an existing resource with none in the window is an
+    # empty history Bundle, not "not found"
+    r = await client.get("/fhir/Patient/p1/_history", params={"_since": "2099-01-01"})
+    assert r.status_code == 200, r.text
+    h = r.json()
+    Bundle.model_validate(h)
+    assert h["type"] == "history" and h["total"] == 0 and not h.get("entry")
+    r = await client.get("/fhir/Patient/p1/_history", params={"_offset": "5"})  # a page past the end
+    assert r.status_code == 200 and r.json()["total"] == 1 and not r.json().get("entry")
+    outcome(await client.get("/fhir/Patient/nobody/_history", params={"_since": "2099-01-01"}), 404)
+    outcome(await client.get("/fhir/Patient/nobody/_history"), 404)
+
+
+@pytest.mark.parametrize("method, path, body, code, where", [
+    ("put", "/fhir/Encounter/bad1", {"resourceType": "Encounter", "id": "bad1", "status": "planned"},
+     "required", "Encounter.class"),
+    ("put", "/fhir/Encounter/bad2", {"resourceType": "Encounter", "id": "bad2", "class": {"code": "IMP"}},
+     "required", "Encounter.status"),
+    ("put", "/fhir/Encounter/bad3", {"resourceType": "Encounter", "id": "bad3", "status": "admitted",
+                                     "class": {"code": "IMP"}}, "code-invalid", "Encounter.status"),
+    ("put", "/fhir/Encounter/bad4", {"resourceType": "Encounter", "id": "bad4", "status": "planned",
+                                     "class": {"code": "IMP"}, "period": {"start": "2026-13-01"}},
+     "value", "Encounter.period.start"),
+    ("put", "/fhir/Patient/bad5", {"resourceType": "Patient", "id": "bad5", "birthDate": "04/03/1950"},
+     "value", "Patient.birthDate"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "gender": "F"}, "code-invalid", "Patient.gender"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "name": {"family": "Doe"}}, "structure", "Patient.name"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "nmae": [{"family": "Doe"}]}, "structure",
+     "Patient.nmae"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "name": [{"family": ["Doe"]}]}, "structure",
+     "Patient.name[0].family"),
+])
+async def test_writes_failing_basic_validation_are_400_and_not_stored(client, store, method, path, body, code,
+                                                                      where):
+    # http.html#create/#update: a resource that fails basic FHIR validation is refused with 400 and an
+    # OperationOutcome naming the element; nothing is stored or queued for the bus
+    before = len(store.outbox_pending())
+    r = await getattr(client, method)(path, json=body)
+    o = outcome(r, 400)
+    assert any(i["code"] == code and i["expression"] == [where] for i in o["issue"]), o
+    assert len(store.outbox_pending()) == before
+    if method == "put":
+        outcome(await client.get(path), 404)
+
+
+async def test_valid_writes_pass_validation(client):
+    # the store's own elements are not judged: a stale or odd meta.lastUpdated is replaced, and the id of
+    # a create is assigned by the server
+    body = {**patient("ok1"), "meta": {"versionId": "9", "lastUpdated": "yesterday"}, "active": True,
+            "extension": [{"url": "urn:x", "valueString": "y"}], "_gender": {"id": "g"}}
+    r = await client.put("/fhir/Patient/ok1", json=body)
+    assert r.status_code == 201, r.text
+    r = await client.post("/fhir/Patient", json={**patient("x"), "id": "not a valid id!"})
+    assert r.status_code == 201, r.text
+    r = await client.put("/fhir/Encounter/ok2", json=encounter("ok2", "p1", "2026-01-03T00:00:00+01:00"))
+    assert r.status_code == 201, r.text
 
 
 async def test_conditional_create(client):

@@ -87,6 +87,18 @@ async def test_metadata(client):
     assert [i["code"] for i in types["Observation"]["interaction"]] == \
         ["read", "vread", "history-instance", "history-type", "search-type"]
     assert {"create", "update"} <= {i["code"] for i in types["Patient"]["interaction"]}
+    # what read does with If-None-Match (304) is conditional read "not-match" (http.html#cread)
+    assert {res["conditionalRead"] for res in types.values()} == {"not-match"}
+    assert types["Patient"]["versioning"] == "versioned-update" and types["Observation"]["versioning"] == "versioned"
+
+
+async def test_conditional_read_as_the_capability_statement_says(client):
+    cs = (await client.get("/fhir/metadata")).json()
+    obs = next(res for res in cs["rest"][0]["resource"] if res["type"] == "Observation")
+    assert obs["conditionalRead"] == "not-match"
+    r = await client.get("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"1"'})
+    assert r.status_code == 304 and r.headers["etag"] == 'W/"1"'
+    assert (await client.get("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"0"'})).status_code == 200
 
 
 async def test_read_with_etag_and_last_modified(client):
@@ -124,6 +136,16 @@ async def test_search_bundle_paging(client):
     assert "previous" in links
 
 
+async def test_next_links_keep_format_and_pretty(client):
+    r = await client.get("/fhir/Observation", params={"subject": "p1", "_count": "2", "_format": "json",
+                                                      "_pretty": "true"})
+    assert r.status_code == 200 and b"\n  " in r.content
+    links = {lk["relation"]: lk["url"] for lk in r.json()["link"]}
+    assert "_format=json" in links["self"] and "_pretty=true" in links["next"]
+    page = await client.get(links["next"].removeprefix("http://127.0.0.1:8080"))
+    assert page.status_code == 200 and b"\n  " in page.content  # page 2 is pretty as well
+
+
 async def test_search_forms(client):
     async def ids(path, **params):
         r = await client.get(path, params=params)
@@ -158,6 +180,54 @@ async def test_errors_are_operation_outcomes(client):
     r = await client.post("/fhir/Observation", content=b'{"resourceType": "Observation"}')
     assert_outcome(r, 405, "not-supported")
     assert_outcome(await client.delete("/fhir/Observation/hr-1"), 405, "not-supported")
+
+
+@pytest.mark.parametrize("method, path", [
+    ("post", "/fhir"),                          # batch / transaction
+    ("get", "/fhir?_id=hr-1"),                  # system-level search
+    ("post", "/fhir/_search"),
+    ("get", "/fhir/_history"),                  # system-level history
+    ("get", "/fhir/$export"),                   # operations, at every level
+    ("get", "/fhir/Patient/$everything"),
+    ("get", "/fhir/Patient/p1/$everything"),
+    ("post", "/fhir/Observation/$validate"),
+    ("get", "/fhir/Observation/hr-1/_history/1/$meta"),
+])
+async def test_unsupported_interactions_are_405(client, method, path):
+    # docs/fhir-api.md: batch/transaction, system-level search and history and $operations -> 405
+    # (not 404 "no such endpoint", nor "_history is not a resource type", nor "$everything is not an id")
+    body = assert_outcome(await client.request(method.upper(), path), 405, "not-supported")
+    assert "not supported" in body["issue"][0]["diagnostics"]
+
+
+async def test_history_count_must_be_ascii_digits(client):
+    # '²'.isdigit() is True but int('²') fails: that was a 500
+    assert_outcome(await client.get("/fhir/Observation/_history", params={"_count": "²"}), 400, "invalid")
+    assert_outcome(await client.get("/fhir/Observation/hr-1/_history", params={"_offset": "٣"}), 400, "invalid")
+
+
+async def test_audit_event_date_prefixes_are_ranges(client):
+    import datetime as dt
+    assert (await client.get("/fhir/Observation/hr-1")).status_code == 200  # leaves an AuditEvent now
+    now = dt.datetime.now(dt.UTC)
+    day = now.date().isoformat()
+    plus5 = dt.timezone(dt.timedelta(hours=5))
+    hour_ago, in_an_hour = ((now + dt.timedelta(hours=h)).astimezone(plus5).strftime("%Y-%m-%dT%H:%M%z")
+                            for h in (-1, 1))
+
+    async def total(*dates):
+        r = await client.get("/fhir/AuditEvent", params={"date": list(dates)})
+        assert r.status_code == 200, r.text
+        return r.json()["total"]
+
+    # search.html#prefix: a day is a range. Today's events are "le today" and "ge today", not "gt today"
+    assert await total(f"le{day}") >= 1 and await total(f"ge{day}") >= 1 and await total(day) >= 1
+    assert await total(f"gt{day}") == 0 and await total(f"lt{day}") == 0
+    # a zone offset is applied before comparing (+0500 written as +05:00)
+    assert await total("ge" + hour_ago[:-2] + ":" + hour_ago[-2:]) >= 1
+    assert await total("ge" + in_an_hour[:-2] + ":" + in_an_hour[-2:]) == 0
+    assert await total("lt" + in_an_hour[:-2] + ":" + in_an_hour[-2:]) >= 1
+    assert_outcome(await client.get("/fhir/AuditEvent", params={"date": f"{day}T99"}), 400, "invalid")
 
 
 async def test_unhandled_exception_is_500_outcome():

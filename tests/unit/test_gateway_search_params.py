@@ -17,6 +17,24 @@ def test_token_forms(value, expected):
     assert parse_token(value) == expected
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("urn:acme|A\\|7", TokenFilter("urn:acme", "A|7")),           # search.html#escaping: \| is a literal |
+    ("urn:a\\|b|7", TokenFilter("urn:a|b", "7")),
+    ("A\\|7", TokenFilter(None, "A|7")),
+    ("urn:acme\\\\|7", TokenFilter("urn:acme\\", "7")),            # \\ is a backslash, then the separator
+    ("urn:acme|A\\,B", TokenFilter("urn:acme", "A,B")),
+])
+def test_escaped_token_characters(value, expected):
+    (f,) = parse_search("Observation", [("identifier", value)]).query.filters
+    assert f.values == (expected,)
+
+
+def test_format_and_pretty_stay_in_paging_links():
+    p = parse_search("Observation", [("subject", "p1"), ("_format", "json"), ("_pretty", "true")])
+    assert p.link_params == [("subject", "p1"), ("_format", "json"), ("_pretty", "true")]
+    assert p.query.filters and not p.ignored
+
+
 @pytest.mark.parametrize("value", ["|", "", "a|b|c"])
 def test_bad_tokens(value):
     with pytest.raises(FhirError) as e:

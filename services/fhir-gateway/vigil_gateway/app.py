@@ -37,7 +37,7 @@ from vigil.tokens import TokenValidator
 from vigil_gateway.audit_log import AuditLog
 from vigil_gateway.auth import authenticate, authorize, forbidden, may_read_type, may_search_audit
 from vigil_gateway.capability import capability_statement
-from vigil_gateway.fhirindex import SUPPORTED_TYPES, WRITABLE_TYPES, normalise_reference
+from vigil_gateway.fhirindex import SUPPORTED_TYPES, WRITABLE_TYPES, date_range, normalise_reference
 from vigil_gateway.outcomes import (
     FHIR_JSON,
     STATUS_ISSUE_CODE,
@@ -47,6 +47,7 @@ from vigil_gateway.outcomes import (
 )
 from vigil_gateway.search_params import ParsedSearch, parse_search
 from vigil_gateway.store import InvalidResource, PreconditionFailed, SearchResult, Store, now_instant
+from vigil_gateway.validation import validate_resource
 
 log = logging.getLogger("vigil.gateway")
 SOFTWARE_VERSION = "0.2.0"
@@ -142,9 +143,15 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         dates = []
         for value in qp.getlist("date"):
             op, rest = (value[:2], value[2:]) if value[:2] in ("lt", "le", "gt", "ge", "eq") else ("eq", value)
-            if not rest or not rest[0].isdigit():
-                raise FhirError(400, "invalid", "date must be a date or instant with an optional lt/le/gt/ge prefix")
-            dates.append((op, rest))
+            rng = date_range(rest) if rest[:1].isdigit() else None
+            if rng is None:
+                raise FhirError(400, "invalid", "date must be a date or instant with an optional lt/le/gt/ge/eq "
+                                "prefix (YYYY[-MM[-DD[Thh:mm[:ss[.fff]]]]][Z|+hh:mm])")
+            # The value is a range (search.html#prefix: 2026-01-01 is the whole day, in UTC once its zone is
+            # applied); AuditEvent.recorded is a UTC instant to the millisecond, compared as text in that form.
+            low, high = rng[0][:23] + "Z", rng[1][:23] + "Z"
+            dates += {"eq": [("ge", low), ("le", high)], "lt": [("lt", low)], "le": [("le", high)],
+                      "gt": [("gt", high)], "ge": [("ge", low)]}[op]
         patient = qp.get("patient")
         if patient and not patient.startswith("Patient/"):
             patient = f"Patient/{patient}"
@@ -167,6 +174,34 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
                                "type": "searchset", "total": total, "link": links,
                                "entry": [{"fullUrl": f"{base_url}/AuditEvent/{e['id']}", "resource": e,
                                           "search": {"mode": "match"}} for e in events]})
+
+    # --- interactions this server does not support (405, as the docs and CapabilityStatement say) ---
+    # Registered before the type-level routes, which would otherwise take `_history` or `$op` for a
+    # resource type or id and answer 404.
+
+    def unsupported(what: str):
+        async def endpoint(request: Request) -> Response:
+            op = request.path_params.get("op")
+            if op:
+                what_ = f"the operation ${op}"
+            elif request.url.path.rstrip("/") == base:  # [base] itself: batch/transaction or system search
+                what_ = "batch/transaction" if request.method == "POST" else "system-level search"
+            else:
+                what_ = what
+            raise FhirError(405, "not-supported", f"{what_} is not supported "
+                            f"by this server ({request.method} {request.url.path}); see {base_url}/metadata")
+        return endpoint
+
+    app.add_api_route(base, unsupported("this interaction"),
+                      methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+    app.add_api_route(f"{base}/_search", unsupported("system-level search"), methods=["GET", "POST"],
+                      include_in_schema=False)
+    app.add_api_route(f"{base}/_history", unsupported("system-level history"), methods=["GET"],
+                      include_in_schema=False)
+    for path in (f"{base}/${{op}}", f"{base}/{{resource_type}}/${{op}}",
+                 f"{base}/{{resource_type}}/{{resource_id}}/${{op}}",
+                 f"{base}/{{resource_type}}/{{resource_id}}/_history/{{version_id}}/${{op}}"):
+        app.add_api_route(path, unsupported("an operation"), methods=["GET", "POST"], include_in_schema=False)
 
     # --- search -------------------------------------------------------------------------------
 
@@ -218,7 +253,11 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         total, versions = await run_in_threadpool(store.history, resource_type, resource_id, count=count,
                                                   offset=offset, since=since, snapshot=snapshot)
         if resource_id is not None and total == 0:
-            raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
+            # no version in the window (_since after the last change, or a page past the end): 404 only
+            # when the resource has no version at all, else an empty history Bundle (http.html#history)
+            known, _ = await run_in_threadpool(store.history, resource_type, resource_id, count=0, offset=0)
+            if known == 0:
+                raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
         confine = getattr(request.state, "confine", None)
         if confine is not None:  # an older version outside the compartment is not shown either
             versions = [(m, r) for m, r in versions if smart.in_compartment(r, confine)]
@@ -329,6 +368,12 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
             raise FhirError(405, "not-supported", f"{resource_type} is read-only here (it comes from the "
                             f"pipeline); create/update are supported for {', '.join(WRITABLE_TYPES)}")
 
+    def check_valid(resource: dict, *, create: bool) -> None:
+        """Basic FHIR validation of a body to store (validation.py): 400 with one issue per problem."""
+        issues = validate_resource(resource, create=create)
+        if issues:
+            raise FhirError(400, issues[0]["code"], issues[0]["diagnostics"], issues=issues)
+
     def prefer_return(request: Request) -> str:
         for part in request.headers.get("prefer", "").split(","):
             k, _, v = part.strip().partition("=")
@@ -358,6 +403,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         resource = await body_resource(request, resource_type) if resource_type in SUPPORTED_TYPES else None
         await guard(request, resource_type, "create", _patient_of_resource(resource) if resource else None)
         check_writable(resource_type)
+        check_valid(resource, create=True)
         condition = None
         ine = request.headers.get("if-none-exist")
         if ine:
@@ -380,7 +426,8 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         resource = await body_resource(request, resource_type) if resource_type in SUPPORTED_TYPES else None
         await guard(request, resource_type, "update", _patient_of_resource(resource) if resource else None)
         check_writable(resource_type)
-        _check_id(resource_type, resource_id)
+        if not is_fhir_id(resource_id):  # a create by PUT of a bad id is a bad request, not "not found"
+            raise FhirError(400, "invalid", f"{resource_id!r} is not a valid FHIR id ([A-Za-z0-9\\-.]{{1,64}})")
         confine = getattr(request.state, "confine", None)
         if confine is not None:  # a patient-level token may not take over another patient's resource
             existing = await run_in_threadpool(store.read, resource_type, resource_id)
@@ -389,6 +436,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         if resource.get("id") != resource_id:
             raise FhirError(400, "invalid", f"the body's id ({resource.get('id')!r}) must equal the URL's "
                             f"({resource_id!r})")
+        check_valid(resource, create=False)
         if_match = None
         if request.headers.get("if-match"):
             tags = _etags(request.headers["if-match"])
@@ -463,7 +511,7 @@ def _check_id(resource_type: str, resource_id: str) -> None:
 def _int_param(value: str | None, default: int, maximum: int, name: str) -> int:
     if value is None:
         return default
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
         raise FhirError(400, "invalid", f"{name} must be a non-negative integer")
     return min(int(value), maximum)
 
@@ -471,7 +519,6 @@ def _int_param(value: str | None, default: int, maximum: int, name: str) -> int:
 def _instant_param(value: str | None, name: str) -> str | None:
     if not value:
         return None
-    from vigil_gateway.fhirindex import date_range
     rng = date_range(value)
     if rng is None:
         raise FhirError(400, "invalid", f"{name} must be an instant")

@@ -31,11 +31,12 @@ def capability_statement(*, base_url: str, auth_enabled: bool, software_version:
             "type": rtype,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
             "interaction": [{"code": c} for c in interactions],
-            "versioning": "versioned-update",
+            # If-Match on update is only meaningful where there is an update
+            "versioning": "versioned-update" if rtype in WRITABLE_TYPES else "versioned",
             "readHistory": True,
             "updateCreate": rtype in WRITABLE_TYPES,
             "conditionalCreate": rtype in WRITABLE_TYPES,
-            "conditionalRead": "not-supported",
+            "conditionalRead": "not-match",  # read answers If-None-Match with 304 (not If-Modified-Since)
             "conditionalUpdate": False,
             "conditionalDelete": "not-supported",
             "searchInclude": includes,

@@ -36,13 +36,17 @@ def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> d
 class FhirError(Exception):
     """Raise in a handler to answer `status` with an OperationOutcome of issue `code`."""
 
-    def __init__(self, status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None, *,
+                 issues: list[dict] | None = None):
         super().__init__(diagnostics)
         self.status, self.code, self.diagnostics, self.headers = status, code, diagnostics, headers or {}
+        self.issues = issues  # several issues (validation): the OperationOutcome lists these instead
 
     def response(self) -> FhirJSONResponse:
-        return FhirJSONResponse(operation_outcome(self.code, self.diagnostics), status_code=self.status,
-                                headers=self.headers)
+        body = operation_outcome(self.code, self.diagnostics)
+        if self.issues:
+            body["issue"] = self.issues
+        return FhirJSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 # HTTP status -> the closest issue type, for errors raised by the framework itself (404 route, 405...)

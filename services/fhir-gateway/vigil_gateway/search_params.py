@@ -41,17 +41,21 @@ class ParsedSearch:
 
 
 def parse_token(value: str) -> TokenFilter:
-    """'code' (any system), 'system|code', '|code' (no system), 'system|' (any code in system)."""
-    if "|" in value:
-        system, _, code = value.partition("|")
+    """'code' (any system), 'system|code', '|code' (no system), 'system|' (any code in system).
+
+    `value` is one comma-separated part as _split(..., keep="|\\\\") leaves it: an escaped '\\|' is a literal
+    '|' in the system or code (https://hl7.org/fhir/R4/search.html#escaping), not the separator."""
+    parts = _split(value, sep="|")
+    if len(parts) > 2:
+        raise FhirError(400, "invalid", f"token {value!r} has more than one unescaped '|'")
+    if len(parts) == 2:
+        system, code = parts
         if not system and not code:
             raise FhirError(400, "invalid", "empty token '|'")
-        if "|" in code:
-            raise FhirError(400, "invalid", f"token {value!r} has more than one '|'")
         return TokenFilter(system=system, code=code or None)
-    if not value:
+    if not parts[0]:
         raise FhirError(400, "invalid", "empty token value")
-    return TokenFilter(system=None, code=value)
+    return TokenFilter(system=None, code=parts[0])
 
 
 def parse_reference(name: str, value: str, default_type: str, allowed: tuple[str, ...] = ()) -> str:
@@ -82,16 +86,18 @@ def _int(name: str, value: str, maximum: int) -> int:
     return min(n, maximum)
 
 
-def _split(value: str) -> list[str]:
-    """Comma-separated values; '\\,' is a literal comma (https://hl7.org/fhir/R4/search.html#escaping)."""
+def _split(value: str, sep: str = ",", keep: str = "") -> list[str]:
+    """`sep`-separated values; '\\,', '\\$', '\\|' and '\\\\' are literal characters
+    (https://hl7.org/fhir/R4/search.html#escaping). Escapes of the characters in `keep` stay escaped (a
+    token's '|' is split later, by parse_token)."""
     parts, cur, i = [], "", 0
     while i < len(value):
         c = value[i]
         if c == "\\" and i + 1 < len(value) and value[i + 1] in ",$|\\":
-            cur += value[i + 1]
+            cur += value[i:i + 2] if value[i + 1] in keep else value[i + 1]
             i += 2
             continue
-        if c == ",":
+        if c == sep:
             parts.append(cur)
             cur = ""
         else:
@@ -138,7 +144,8 @@ def parse_search(resource_type: str, items: list[tuple[str, str]], *, strict: bo
     for name, value in items:
         base, _, modifier = name.partition(":")
         modifier = modifier or None
-        if base in FORMAT_PARAMS:
+        if base in FORMAT_PARAMS:  # not a filter, but paging links keep it (same format on every page)
+            link.append((name, value))
             continue
         if base == "_count":
             count = _int("_count", value, MAX_COUNT)
@@ -216,7 +223,7 @@ def parse_search(resource_type: str, items: list[tuple[str, str]], *, strict: bo
             if modifier not in (None, "not"):
                 unknown(name, f"modifier :{modifier} is not supported on token parameter {base}")
                 continue
-            filters.append(Filter(base, modifier, tuple(parse_token(v) for v in _split(value))))
+            filters.append(Filter(base, modifier, tuple(parse_token(v) for v in _split(value, keep="|\\"))))
         elif p.kind == "reference":
             default = p.targets[0]
             if modifier is not None:
