@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -296,6 +297,8 @@ def test_vigil_train_without_limit_stores_a_model(tmp_path):
                     str(tmp_path / "card")], env=env, check=True, timeout=300, capture_output=True)
     card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
     assert "AUROC" in card and "NEWS2" in card and "Limitations" in card
+    assert re.search(r"and 0\.\d{3} on average\s+within one septic stay", card), card
+    assert "| model |" in card.split("Where the AUROC comes from")[1]
     assert (tmp_path / "card" / "roc.png").stat().st_size > 1000 and (tmp_path / "card" / "calibration.png").exists()
     code = "from vigil_inference.model import load_model; m = load_model(); print(m.metadata['limit'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,

@@ -52,6 +52,29 @@ def test_equal_sensitivity_and_metrics():
     assert m["alerts_per_patient_day"] == pytest.approx(2 / (8 / 24))
 
 
+def test_auroc_breakdown_separates_between_and_within_stays():
+    # Two never-septic stays scored low; two septic stays scored high but flat: perfect between stays,
+    # no timing information within them.
+    labels = [np.zeros(4, int), np.zeros(3, int), np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1, 1])]
+    flat = [np.full(4, 0.1), np.full(3, 0.2), np.full(4, 0.7), np.full(5, 0.8)]
+    b = E.auroc_breakdown(labels, flat)
+    assert b["vs_non_septic"] == 1.0 and b["stay_max"] == 1.0
+    assert b["within_stay_mean"] == 0.5 and b["within_stay_n"] == 2
+    # Pooled within septic stays, 4 positives x 5 negatives: stay 3's positives (0.7) tie its own
+    # negatives and lose to stay 4's (0.8); stay 4's positives beat stay 3's and tie their own.
+    assert b["within_septic"] == pytest.approx((2 * 2 * 0.5 + 2 * 3 * 0.0 + 2 * 2 * 1.0 + 2 * 3 * 0.5) / 20)
+    assert b["septic_stay_negative_share"] == pytest.approx(5 / 12)
+    # A score that rises at the label within each stay, with -inf before the first measurement.
+    rising = [np.full(4, 0.1), np.array([-np.inf, 0.2, 0.2]), np.array([0.3, 0.3, 0.9, 0.9]),
+              np.array([-np.inf, 0.3, 0.3, 0.9, 0.9])]
+    b = E.auroc_breakdown(labels, rising)
+    assert b["within_stay_mean"] == 1.0 and b["within_septic"] == 1.0 and b["vs_non_septic"] == 1.0
+    # Ties count half, as in the row AUROC; a model that ranks stays backwards shows it.
+    b = E.auroc_breakdown(labels, [np.full(4, 0.9), np.full(3, 0.9), np.full(4, 0.1), np.full(5, 0.1)])
+    assert b["vs_non_septic"] == 0.0 and b["stay_max"] == 0.0 and b["within_stay_mean"] == 0.5
+    assert E.metrics_at(labels, rising, 0.5)["auroc_breakdown"] == E.auroc_breakdown(labels, rising)
+
+
 @needs_data
 def test_compare_runs_on_real_stays():
     ds = E.build_dataset(physionet.iter_stays(DATA, limit=150))
@@ -59,4 +82,9 @@ def test_compare_runs_on_real_stays():
     res = E.compare(ds, ds.x[:, col] / 20, 0.25, n_boot=5)
     assert {"model", "NEWS2", "qSOFA", "SIRS", "time-only", "equal_sensitivity_vs_news2"} <= set(res)
     assert res["model"]["auroc"] == pytest.approx(res["NEWS2"]["auroc"])
-    assert "NEWS2" in E.format_table(res)
+    table = E.format_table(res)
+    assert "NEWS2" in table and "within_stay_mean" in table
+    b = res["model"]["auroc_breakdown"]
+    # Row AUROC = mix of its two kinds of negative, weighted by their share.
+    share = b["septic_stay_negative_share"]
+    assert res["model"]["auroc"] == pytest.approx((1 - share) * b["vs_non_septic"] + share * b["within_septic"])

@@ -57,6 +57,15 @@ def write_card(directory, *, meta: dict, tag: str, evaluation: dict, labels: np.
         best = sorted(gain.items(), key=lambda kv: -kv[1])[:15]
         top = "\n".join(f"| {k} | {v:.1f} |" for k, v in best)
     m = evaluation["model"]
+    bd = m.get("auroc_breakdown") or {}
+    timing = ""
+    if bd:
+        timing = (f"""
+- The ranking mostly tells septic patients from the others, less *when* they turn: AUROC
+  {bd['vs_non_septic']:.3f} against rows of never-septic stays, {bd['within_septic']:.3f} against the
+  rows of septic stays before their label ({100 * bd['septic_stay_negative_share']:.1f} % of the negative
+  rows), and {bd['within_stay_mean']:.3f} on average within one septic stay. A high score marks a patient
+  to watch; the alert is not a clock for the onset.""")
     text = f"""# Model card: {tag}
 
 ## Model
@@ -112,7 +121,7 @@ qSOFA lacks mental status (maximum 2). A missing parameter scores 0.
 - Labels are the challenge's Sepsis-3 derived SepsisLabel (onset shifted 6 h earlier), not chart review.
 - Measurement counts and timing features partly reflect the hospital's ordering practice, which may
   differ elsewhere.
-- Probabilities are not calibrated (class weighting); not a diagnostic device; research use only.
+- Probabilities are not calibrated (class weighting); not a diagnostic device; research use only.{timing}
 """
     p = out / "MODEL_CARD.md"
     p.write_text(text)

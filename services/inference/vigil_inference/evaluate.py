@@ -87,6 +87,38 @@ def choose_threshold(labels: list[np.ndarray], scores: list[np.ndarray], n: int 
     return best
 
 
+def auroc_breakdown(labels: list[np.ndarray], scores: list[np.ndarray]) -> dict:
+    """Where the row AUROC comes from. Its negatives are of two kinds: rows of stays that never become
+    septic, and the rows of septic stays before their label starts. A score can rank well by telling
+    septic patients from the others (between stays) while saying little about *when* (within a stay):
+
+    - `vs_non_septic`: positive rows vs rows of never-septic stays;
+    - `within_septic`: positive rows vs the negative rows of septic stays (pooled over those stays);
+    - `within_stay_mean`: mean over septic stays with both kinds of row of the stay's own AUROC
+      (0.5: the score does not rise at the label within the stay), `within_stay_n` such stays;
+    - `stay_max`: stay-level AUROC of each stay's highest score vs whether the stay is septic;
+    - `septic_stay_negative_share`: the share of all negative rows that come from septic stays
+      (the row AUROC is about (1 - share) * vs_non_septic + share * within_septic).
+    Scores of -inf (rows before the first measurement) rank lowest, as in `metrics_at`.
+    """
+    fin = [np.where(np.isfinite(s), s, -1e300) for s in scores]
+    septic = np.array([lab.any() for lab in labels], dtype=bool)
+    y = np.concatenate(labels)
+    s = np.concatenate(fin)
+    in_septic = np.concatenate([np.full(len(lab), sep) for lab, sep in zip(labels, septic, strict=True)])
+    neg_septic = (y == 0) & in_septic
+    vs_non = (y == 1) | ~in_septic
+    within = (y == 1) | neg_septic
+    per_stay = [_auc(lab, sc) for lab, sc, sep in zip(labels, fin, septic, strict=True) if sep and not lab.all()]
+    n_neg = int((y == 0).sum())
+    return {
+        "vs_non_septic": _auc(y[vs_non], s[vs_non]), "within_septic": _auc(y[within], s[within]),
+        "within_stay_mean": float(np.mean(per_stay)) if per_stay else math.nan, "within_stay_n": len(per_stay),
+        "stay_max": _auc(septic.astype(int), np.array([sc.max() if len(sc) else -1e300 for sc in fin])),
+        "septic_stay_negative_share": float(neg_septic.sum() / n_neg) if n_neg else math.nan,
+    }
+
+
 def metrics_at(labels: list[np.ndarray], scores: list[np.ndarray], threshold: float) -> dict:
     """Every reported metric for per-stay whole-row scores at one alert threshold."""
     y = np.concatenate(labels)
@@ -102,6 +134,7 @@ def metrics_at(labels: list[np.ndarray], scores: list[np.ndarray], threshold: fl
         "precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
         "accuracy": (tp + tn) / len(y), "alerts_per_patient_day": float(pred.sum()) / (len(y) / 24.0),
         "false_alerts": fp, "threshold": float(threshold), "rows": len(y), "stays": len(labels),
+        "auroc_breakdown": auroc_breakdown(labels, scores),
     }
 
 
@@ -202,6 +235,17 @@ def format_table(res: dict) -> str:
                 v += f" [{m['ci'][c][0]:.3f}, {m['ci'][c][1]:.3f}]"
             cells.append(v)
         lines.append(f"| {name} | {m['threshold']:.4g} | " + " | ".join(cells) + " |")
+    bcols = ["vs_non_septic", "within_septic", "within_stay_mean", "stay_max"]
+    rows = [(name, m["auroc_breakdown"]) for name, m in res.items()
+            if isinstance(m, dict) and "auroc_breakdown" in m and not name.startswith("_")]
+    if rows:
+        share = rows[0][1]["septic_stay_negative_share"]
+        intro = ("Where the AUROC comes from (positive rows against: rows of never-septic stays; the "
+                 f"{100 * share:.1f} % of negative rows that are septic stays' rows before their label; the "
+                 "same within each septic stay, averaged, where the label only turns on, so that hours in ICU "
+                 "alone orders every stay perfectly; and stays ranked by their highest score):")
+        lines += ["", intro, "", "| score | " + " | ".join(bcols) + " |", "|" + " --- |" * (len(bcols) + 1)]
+        lines += [f"| {name} | " + " | ".join(f"{b[c]:.3f}" for c in bcols) + " |" for name, b in rows]
     e = res.get("equal_sensitivity_vs_news2")
     if e:
         lines.append("")
