@@ -217,8 +217,9 @@ def content_hash(resource: dict) -> str:
     return hashlib.sha256(canonical_json(resource)).hexdigest()
 
 
-def canonical_json(resource: dict) -> bytes:
-    """The bytes content_hash hashes: compact JSON, keys sorted, without meta.versionId/lastUpdated."""
+def without_store_meta(resource: dict) -> dict:
+    """A shallow copy of the resource without meta.versionId and meta.lastUpdated (the store sets them),
+    and without `meta` when nothing else is in it."""
     body = dict(resource)
     meta = body.get("meta")
     if isinstance(meta, dict):
@@ -227,6 +228,12 @@ def canonical_json(resource: dict) -> bytes:
             body["meta"] = meta
         else:
             body.pop("meta")
+    return body
+
+
+def canonical_json(resource: dict) -> bytes:
+    """The bytes content_hash hashes: compact JSON, keys sorted, without meta.versionId/lastUpdated."""
+    body = without_store_meta(resource)
     try:
         return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     except TypeError as exc:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 
+from vigil_gateway.store import without_store_meta
+
 # Required bindings (https://hl7.org/fhir/R4/terminologies.html#required) of indexed code elements.
 _REQUIRED_CODES = {
     ("Patient", "gender"): ("male", "female", "other", "unknown"),  # administrative-gender
@@ -52,14 +54,7 @@ def validate_resource(resource: dict, *, create: bool) -> list[dict]:
     import pydantic
 
     rtype = resource["resourceType"]
-    body = {k: v for k, v in resource.items() if not (create and k == "id")}
-    meta = body.get("meta")
-    if isinstance(meta, dict):
-        meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
-        if meta:
-            body["meta"] = meta
-        else:
-            body.pop("meta")
+    body = without_store_meta({k: v for k, v in resource.items() if not (create and k == "id")})
     issues = []
     try:
         _model(rtype).model_validate(body)
