@@ -16,6 +16,9 @@ from vigil.catalogue import Catalogue, Measurement
 from vigil.ids import is_fhir_id, observation_id, observation_ids
 
 MAX_BATCH = 10_000
+# google.protobuf.Timestamp's range ends at 9999-12-31T23:59:59.999999999Z, and so do FHIR's 4-digit years:
+# an effective time at or past 10000-01-01T00:00:00Z (as an epoch float) cannot be an Observation.
+END_OF_TIME = 253_402_300_800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +175,10 @@ def _panel_components(m: Measurement, comps, where: str, catalogue: Catalogue,
                 f"{cw}.unit", f"unit {unit!r} is not accepted for {cm.key}; use one of {list(cm.accepted_units)}"))
             ok = False
             continue
+        if not math.isfinite(canonical):
+            violations.append(Violation(f"{cw}.value", f"{value!r} {unit} is out of range in {cm.ucum}"))
+            ok = False
+            continue
         out.append((cm, canonical))
     missing = [k for k in m.required if k not in seen]
     if missing and ok:
@@ -223,8 +230,11 @@ def map_batch(
         if m is None:
             violations.append(Violation(f"readings[{i}].code", f"unknown measurement code {system or loinc}|{code}"))
             continue
-        if effective <= 0:
-            violations.append(Violation(f"readings[{i}].effective_time", "effective_time is required"))
+        if not 0 < effective < END_OF_TIME:
+            violations.append(Violation(f"readings[{i}].effective_time", (
+                "effective_time is required" if effective == 0 else
+                "effective_time must not be before 1970-01-01T00:00:00Z" if effective < 0 else
+                "effective_time must be before 10000-01-01T00:00:00Z")))
             continue
         if m.components:
             comps = _panel_components(m, r[6] if len(r) > 6 else (), f"readings[{i}]", catalogue, violations)
@@ -246,6 +256,9 @@ def map_batch(
             if canonical is None:
                 violations.append(Violation(
                     f"readings[{i}].unit", f"unit {unit!r} is not accepted for {m.key}; use one of {list(m.accepted_units)}"))
+                continue
+            if not math.isfinite(canonical):
+                violations.append(Violation(f"readings[{i}].value", f"{value!r} {unit} is out of range in {m.ucum}"))
                 continue
         if violations:
             continue  # the batch is refused anyway: only collect violations

@@ -14,12 +14,9 @@ from dataclasses import dataclass
 from vigil import bus
 from vigil.catalogue import Catalogue, load_catalogue
 from vigil.device.v1 import ingest_pb2
-from vigil.observation import Violation, format_instant, map_batch
+from vigil.observation import END_OF_TIME, Violation, format_instant, map_batch
 from vigil_ingest.publisher import Publisher
 
-# google.protobuf.Timestamp's range ends at 9999-12-31T23:59:59.999999999Z, and so do FHIR's 4-digit years:
-# an effective time at or past 10000-01-01T00:00:00Z (as an epoch float) cannot be an Observation.
-END_OF_TIME = 253_402_300_800.0
 _UNRESOLVED = "unresolved"  # stands in for the patient while only collecting violations (never published)
 _READING_INDEX = re.compile(r"readings\[(\d+)\]")
 
@@ -29,23 +26,24 @@ def _epoch(ts) -> float:
     return ts.seconds + ts.nanos / 1e9 if ts.nanos else float(ts.seconds)
 
 
-def _time_problem(ts) -> str | None:
-    """Why an effective_time that is set cannot be used (None: fine, or unset: map_batch reports that)."""
-    if not 0 <= ts.nanos < 1_000_000_000:
-        return f"nanos is {ts.nanos}; it must be 0 to 999,999,999"
-    if ts.seconds < 0:
-        return "effective_time must not be before 1970-01-01T00:00:00Z"
-    if _epoch(ts) >= END_OF_TIME:
-        return "effective_time must be before 10000-01-01T00:00:00Z"
-    return None
-
-
 def _usable_time(ts) -> float | None:
-    """The epoch of an effective_time resolve_patient can place in a binding, else None."""
-    if _time_problem(ts) is not None:
+    """The epoch of an effective_time resolve_patient can place in a binding, else None (unset, nanos
+    out of range, before 1970 or from year 10000 on: prepare_batch reports those)."""
+    if not 0 <= ts.nanos < 1_000_000_000:
         return None
     t = _epoch(ts)
-    return t if t > 0 else None
+    return t if 0 < t < END_OF_TIME else None
+
+
+def _with_nanos_violations(batch: ingest_pb2.ReadingBatch, violations: list[Violation]) -> list[Violation]:
+    """map_batch's violations plus one for each effective_time whose nanos is out of range (only the
+    Timestamp shows it, not the epoch map_batch gets); that one replaces map_batch's for the field."""
+    nanos = {f"readings[{i}].effective_time": Violation(
+        f"readings[{i}].effective_time", f"nanos is {r.effective_time.nanos}; it must be 0 to 999,999,999")
+        for i, r in enumerate(batch.readings) if not 0 <= r.effective_time.nanos < 1_000_000_000}
+    if not nanos:
+        return violations
+    return [v for v in violations if v.field not in nanos] + list(nanos.values())
 
 
 def status_violations(batch: ingest_pb2.ReadingBatch) -> list[Violation]:
@@ -59,51 +57,6 @@ def status_violations(batch: ingest_pb2.ReadingBatch) -> list[Violation]:
             if not (math.isfinite(v) and 0.0 <= v <= 100.0):
                 out.append(Violation(f"device_status.{name}", f"is {v!r}; it must be a number from 0 to 100"))
     return out
-
-
-def _edge_violations(batch: ingest_pb2.ReadingBatch, catalogue: Catalogue, readings: list[tuple]
-                     ) -> tuple[list[Violation], list[tuple]]:
-    """What map_batch does not catch: an effective_time outside 1970..9999 or with nanos out of range,
-    a value that overflows to infinity in the catalogue unit. Returns the
-    violations and `readings` with each such field replaced by a harmless one, so that map_batch still
-    reports every other problem of the batch."""
-    out: list[Violation] = []
-    clean = readings
-    for i, r in enumerate(batch.readings):
-        fixed = None
-        if r.HasField("effective_time"):
-            problem = _time_problem(r.effective_time)
-            if problem is not None:
-                out.append(Violation(f"readings[{i}].effective_time", problem))
-                fixed = list(readings[i])
-                fixed[5] = 1.0
-        m = catalogue.lookup(r.code, r.system)
-        if m is not None and not m.components and math.isfinite(r.value):
-            c = m.to_canonical(r.value, r.unit)
-            if c is not None and not math.isfinite(c):
-                out.append(Violation(f"readings[{i}].value", f"{r.value!r} {r.unit} is out of range in {m.ucum}"))
-                fixed = fixed or list(readings[i])
-                fixed[3], fixed[4] = 0.0, m.ucum
-        elif m is not None and m.components:
-            comps = None
-            for j, comp in enumerate(r.components):
-                cm = catalogue.lookup(comp.code, comp.system)
-                if cm is None or not math.isfinite(comp.value):
-                    continue
-                c = cm.to_canonical(comp.value, comp.unit)
-                if c is not None and not math.isfinite(c):
-                    out.append(Violation(f"readings[{i}].components[{j}].value",
-                                         f"{comp.value!r} {comp.unit} is out of range in {cm.ucum}"))
-                    comps = comps or list(readings[i][6])
-                    comps[j] = (comp.code, comp.system, 0.0, cm.ucum)
-            if comps is not None:
-                fixed = fixed or list(readings[i])
-                fixed[6] = tuple(comps)
-        if fixed is not None:
-            if clean is readings:
-                clean = list(readings)
-            clean[i] = tuple(fixed)
-    return out, clean
 
 
 def _by_reading(v: Violation) -> int:
@@ -226,11 +179,8 @@ def prepare_batch(batch: ingest_pb2.ReadingBatch, catalogue: Catalogue | None = 
     # for a stand-in patient to name those readings (not the optional patient_id).
     mapped_for = _UNRESOLVED if patient_id is not None and not patient else patient
     readings = reading_tuples(batch)
-    edge, checked = _edge_violations(batch, catalogue, readings)
-    observations, violations = map_batch(catalogue, batch.device_id, mapped_for, checked)
-    violations = sorted(edge + violations + status_violations(batch), key=_by_reading)
-    if not violations and mapped_for != patient:
-        violations = [Violation("readings", "no reading has an effective_time")]  # not reached: map_batch says so
+    observations, violations = map_batch(catalogue, batch.device_id, mapped_for, readings)
+    violations = sorted(_with_nanos_violations(batch, violations) + status_violations(batch), key=_by_reading)
     if violations:
         raise BatchRejected(violations, batch_index=batch_index)
     seqs = [r[0] for r in readings]
