@@ -146,3 +146,32 @@ def test_smart_configuration_document():
     assert doc["token_endpoint"] == f"{ISSUER}/token" and doc["code_challenge_methods_supported"] == ["S256"]
     assert "private_key_jwt" in doc["token_endpoint_auth_methods_supported"]
     assert "introspection_endpoint" not in doc
+
+
+async def test_authentication_comes_before_the_body_is_read(http):
+    """A caller without a valid token gets 401 whatever its body is: the gateway does not tell it whether
+    the JSON, the content type or the resource would have been accepted."""
+    bad = {"content-type": "application/fhir+json"}
+    for headers in (bad, {**bad, **auth("forged")}):
+        for r in (await http.post("/fhir/Patient", content=b"{not json", headers=headers),
+                  await http.put("/fhir/Patient/pa", content=b"{not json", headers=headers),
+                  await http.post("/fhir/Patient", json={"resourceType": "Patient", "gender": "robot"},
+                                  headers=headers),
+                  await http.put("/fhir/Encounter/e1", content=b"x", headers={**headers, "content-type": "text/plain"}),
+                  await http.post("/fhir/Observation/_search", content=b"subject=Patient/pa",
+                                  headers={**headers, "content-type": "text/plain"})):
+            assert r.status_code == 401, (r.request.method, r.request.url, r.text)
+            assert r.json()["issue"][0]["code"] == "login"
+    # With a valid token the same bodies get their precise errors.
+    r = await http.post("/fhir/Patient", content=b"{not json", headers={**bad, **auth("ehr")})
+    assert r.status_code == 400 and r.json()["issue"][0]["code"] == "structure"
+    r = await http.post("/fhir/Observation/_search", content=b"subject=Patient/pa",
+                        headers={**auth("ehr"), "content-type": "text/plain"})
+    assert r.status_code == 415
+    r = await http.post("/fhir/Patient", json={"resourceType": "Patient", "id": "pz", "gender": "robot"},
+                        headers={**bad, **auth("ehr")})
+    assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["Patient.gender"]
+    # A POST search with a valid token runs (authenticated once, then authorized for its patient).
+    r = await http.post("/fhir/Observation/_search", content=b"subject=Patient/pa",
+                        headers={**auth("pa"), "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and ids(r) == {"a1", "a2"}

@@ -7,9 +7,10 @@ from the stored JSON. Every error is an OperationOutcome (https://hl7.org/fhir/R
 including unknown routes (404), wrong methods (405) and unexpected failures (500).
 
 Authorization: every interaction calls `auth.authorize(request, resource_type, interaction, patient)`
-in one place (`_guard`) after authentication; SMART scopes are enforced there (vigil/smart.py), and a
-patient-level token's compartment (request.state.confine) is applied here to reads, searches (with
-_include/_revinclude, on every page), history and writes. Every FHIR interaction, refused ones included,
+in one place (`guard`) after authentication (`identify`, which runs before any request body is read);
+SMART scopes are enforced there (vigil/smart.py), and a patient-level token's compartment
+(request.state.confine) is applied here to reads, searches (with _include/_revinclude, on every page),
+history and writes. Every FHIR interaction, refused ones included,
 leaves an AuditEvent (audit_log.py); administrators search them at [base]/AuditEvent. See docs/security.md.
 """
 from __future__ import annotations
@@ -79,12 +80,14 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     smart_config: dict = {}
     search_async = getattr(store, "search_query_async", None)
 
-    async def guard(request: Request, resource_type: str | None, interaction: str,
-                    patient: str | None = None) -> None:
-        """Authentication, content negotiation, then the per-request authorization hook."""
+    async def identify(request: Request, resource_type: str | None, interaction: str) -> dict | None:
+        """Content negotiation, the type check and authentication (once per request): the claims, or
+        None with auth off. Runs before a request body is read, so a caller without a valid token
+        learns nothing about what the gateway would have made of its body (401 first)."""
+        if getattr(request.state, "identified", False):
+            return getattr(request.state, "claims", None)
         request.state.audit = {"interaction": interaction, "type": resource_type,
-                               "id": request.path_params.get("resource_id"),
-                               "patient": patient.removeprefix("Patient/") if patient else None}
+                               "id": request.path_params.get("resource_id"), "patient": None}
         negotiate(request)
         if resource_type is not None and resource_type not in SUPPORTED_TYPES:
             raise FhirError(404, "not-supported", f"resource type {resource_type!r} is not supported "
@@ -93,6 +96,14 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         if validator is not None:
             claims = await authenticate(request, validator)
             request.state.claims = claims
+        request.state.identified = True
+        return claims
+
+    async def guard(request: Request, resource_type: str | None, interaction: str,
+                    patient: str | None = None) -> None:
+        """`identify`, then the per-request authorization hook."""
+        claims = await identify(request, resource_type, interaction)
+        request.state.audit["patient"] = patient.removeprefix("Patient/") if patient else None
         await authorize(request, claims, resource_type, interaction, patient)
 
     def reply(request: Request, content, status: int = 200, headers: dict | None = None) -> Response:
@@ -235,6 +246,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     @app.post(f"{base}/{{resource_type}}/_search")
     async def search_post(resource_type: str, request: Request) -> Response:
         """search-type by POST: form-encoded body parameters plus any in the URL."""
+        await identify(request, resource_type, "search")
         ctype = request.headers.get("content-type", "")
         body = await request.body()
         if body and not ctype.startswith("application/x-www-form-urlencoded"):
@@ -400,8 +412,9 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     @app.post(f"{base}/{{resource_type}}")
     async def create(resource_type: str, request: Request) -> Response:
         """create and conditional create (If-None-Exist): https://hl7.org/fhir/R4/http.html#create"""
-        resource = await body_resource(request, resource_type) if resource_type in SUPPORTED_TYPES else None
-        await guard(request, resource_type, "create", _patient_of_resource(resource) if resource else None)
+        await identify(request, resource_type, "create")
+        resource = await body_resource(request, resource_type)
+        await guard(request, resource_type, "create", _patient_of_resource(resource))
         check_writable(resource_type)
         check_valid(resource, create=True)
         condition = None
@@ -423,8 +436,9 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     @app.put(f"{base}/{{resource_type}}/{{resource_id}}")
     async def update(resource_type: str, resource_id: str, request: Request) -> Response:
         """update and update-as-create: https://hl7.org/fhir/R4/http.html#update (If-Match -> 412)."""
-        resource = await body_resource(request, resource_type) if resource_type in SUPPORTED_TYPES else None
-        await guard(request, resource_type, "update", _patient_of_resource(resource) if resource else None)
+        await identify(request, resource_type, "update")
+        resource = await body_resource(request, resource_type)
+        await guard(request, resource_type, "update", _patient_of_resource(resource))
         check_writable(resource_type)
         if not is_fhir_id(resource_id):  # a create by PUT of a bad id is a bad request, not "not found"
             raise FhirError(400, "invalid", f"{resource_id!r} is not a valid FHIR id ([A-Za-z0-9\\-.]{{1,64}})")
