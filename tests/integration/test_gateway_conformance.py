@@ -186,6 +186,22 @@ async def test_instance_history_since_after_last_change_is_empty_not_404(client)
      "Patient.nmae"),
     ("post", "/fhir/Patient", {"resourceType": "Patient", "name": [{"family": ["Doe"]}]}, "structure",
      "Patient.name[0].family"),
+    # JSON primitives the models alone would coerce (json.html#primitive): booleans, integers, decimals
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "active": "yes"}, "structure", "Patient.active"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "deceasedBoolean": 0}, "structure",
+     "Patient.deceasedBoolean"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "multipleBirthInteger": "2"}, "structure",
+     "Patient.multipleBirthInteger"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "multipleBirthInteger": 2.0}, "structure",
+     "Patient.multipleBirthInteger"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "communication": [
+        {"language": {"text": "en"}, "preferred": "true"}]}, "structure", "Patient.communication[0].preferred"),
+    ("post", "/fhir/Patient", {"resourceType": "Patient", "extension": [
+        {"url": "urn:x", "extension": [{"url": "a", "valueDecimal": "1.5"}]}]}, "structure",
+     "Patient.extension[0].extension[0].valueDecimal"),
+    ("put", "/fhir/Encounter/bad6", {"resourceType": "Encounter", "id": "bad6", "status": "finished",
+                                     "class": {"code": "IMP"}, "length": {"value": "3", "unit": "h"}},
+     "structure", "Encounter.length.value"),
 ])
 async def test_writes_failing_basic_validation_are_400_and_not_stored(client, store, method, path, body, code,
                                                                       where):
@@ -210,6 +226,16 @@ async def test_valid_writes_pass_validation(client):
     r = await client.post("/fhir/Patient", json={**patient("x"), "id": "not a valid id!"})
     assert r.status_code == 201, r.text
     r = await client.put("/fhir/Encounter/ok2", json=encounter("ok2", "p1", "2026-01-03T00:00:00+01:00"))
+    assert r.status_code == 201, r.text
+    r = await client.put("/fhir/Encounter/ok3", json={**encounter("ok3", "p1", "2026-01-03T00:00:00+01:00"),
+                                                       "length": {"value": 3, "unit": "h"}, "extension": [
+                                                           {"url": "urn:d", "valueDecimal": 1.5},
+                                                           {"url": "urn:b", "valueBoolean": False},
+                                                           {"url": "urn:i", "valueInteger": -2}]})
+    assert r.status_code == 201, r.text
+    r = await client.put("/fhir/Patient/ok4", json={**patient("ok4"), "multipleBirthInteger": 2,
+                                                     "communication": [{"language": {"text": "en"},
+                                                                        "preferred": True}]})
     assert r.status_code == 201, r.text
 
 

@@ -2,7 +2,8 @@
 
 https://hl7.org/fhir/R4/http.html#create and #update: a resource that "failed basic FHIR validation
 rules" is refused with 400 and an OperationOutcome saying what is wrong. Checked here: the element
-names, JSON types, cardinalities (required elements such as Encounter.status and Encounter.class,
+names, JSON types (a boolean, integer or decimal must be one in the JSON: the models alone would coerce
+"yes" or "2"), cardinalities (required elements such as Encounter.status and Encounter.class,
 lists where the spec has 0..*), primitive formats (date, dateTime, instant...), choice-type rules, and
 the required value sets of the coded elements the gateway indexes (Patient.gender, Encounter.status).
 The structural rules come from the fhir.resources models (R4B, whose Patient and Encounter are those
@@ -49,6 +50,72 @@ def _issue_code(error_type: str) -> str:
     return "value"
 
 
+def _base_types(annotation) -> tuple:
+    """The element types inside Optional[...], List[...] and Annotated[...] of a model field."""
+    import typing
+
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _base_types(args[0])
+    if origin is None:
+        return (annotation,)
+    return tuple(t for a in args if a is not type(None) for t in _base_types(a))
+
+
+@functools.cache
+def _fields(model) -> dict:
+    """JSON name -> element types of a fhir.resources model."""
+    return {f.alias or name: _base_types(f.annotation) for name, f in model.model_fields.items()}
+
+
+def _complex_model(tp, value: dict):
+    from fhir.resources.R4B import get_fhir_model_class
+
+    name = getattr(tp, "__name__", "")
+    if not name.endswith("Type"):
+        return None
+    if name == "ResourceType" and isinstance(value.get("resourceType"), str):  # contained resources
+        name = value["resourceType"] + "Type"
+    try:
+        return get_fhir_model_class(name[:-4])
+    except KeyError:
+        return None
+
+
+def _json_type_issues(model, obj: dict, path: str) -> list[dict]:
+    """Primitives the models would coerce but JSON FHIR forbids: a boolean must be true/false, an
+    integer a JSON integer, a decimal a JSON number (https://hl7.org/fhir/R4/json.html#primitive);
+    pydantic's lax mode takes "yes", 1 or "2" for them."""
+    import decimal
+
+    issues = []
+    fields = _fields(model)
+    for key, value in obj.items():
+        types = fields.get(key)
+        if not types or key.startswith("_"):
+            continue
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            where = f"{path}.{key}" + (f"[{i}]" if isinstance(value, list) else "")
+            want = None
+            if bool in types and not isinstance(item, bool):
+                want = "a JSON boolean (true or false)"
+            elif int in types and (isinstance(item, bool) or not isinstance(item, int)):
+                want = "a JSON integer"
+            elif decimal.Decimal in types and (isinstance(item, bool) or not isinstance(item, int | float)):
+                want = "a JSON number"
+            if want is not None and item is not None:
+                issues.append({"severity": "error", "code": "structure",
+                               "diagnostics": f"{where}: must be {want}, not {item!r}", "expression": [where]})
+            elif isinstance(item, dict):
+                for tp in types:
+                    sub = _complex_model(tp, item)
+                    if sub is not None:
+                        issues += _json_type_issues(sub, item, where)
+                        break
+    return issues
+
+
 def validate_resource(resource: dict, *, create: bool) -> list[dict]:
     """OperationOutcome issues (severity error) for what is wrong with `resource`; [] when it is valid."""
     import pydantic
@@ -65,6 +132,8 @@ def validate_resource(resource: dict, *, create: bool) -> list[dict]:
             issues.append({"severity": "error", "code": _issue_code(err["type"]),
                            "diagnostics": f"{_expression(rtype, loc)}: {msg}",
                            "expression": [_expression(rtype, loc)]})
+    if not issues:  # the model accepted the structure; now the JSON types it coerced
+        issues = _json_type_issues(_model(rtype), body, rtype)
     for (t, element), codes in _REQUIRED_CODES.items():
         value = resource.get(element)
         if t == rtype and isinstance(value, str) and value not in codes:
