@@ -1,6 +1,9 @@
 """The FHIR REST API on an embedded SQLite store, through the ASGI interface (no auth)."""
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
+
 import httpx
 import orjson
 import pytest
@@ -87,18 +90,45 @@ async def test_metadata(client):
     assert [i["code"] for i in types["Observation"]["interaction"]] == \
         ["read", "vread", "history-instance", "history-type", "search-type"]
     assert {"create", "update"} <= {i["code"] for i in types["Patient"]["interaction"]}
-    # what read does with If-None-Match (304) is conditional read "not-match" (http.html#cread)
-    assert {res["conditionalRead"] for res in types.values()} == {"not-match"}
+    # read answers If-None-Match and If-Modified-Since with 304: conditional read "full-support" (http.html#cread)
+    assert {res["conditionalRead"] for res in types.values()} == {"full-support"}
     assert types["Patient"]["versioning"] == "versioned-update" and types["Observation"]["versioning"] == "versioned"
 
 
 async def test_conditional_read_as_the_capability_statement_says(client):
     cs = (await client.get("/fhir/metadata")).json()
     obs = next(res for res in cs["rest"][0]["resource"] if res["type"] == "Observation")
-    assert obs["conditionalRead"] == "not-match"
+    assert obs["conditionalRead"] == "full-support"
     r = await client.get("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"1"'})
     assert r.status_code == 304 and r.headers["etag"] == 'W/"1"'
     assert (await client.get("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"0"'})).status_code == 200
+    # If-Modified-Since (RFC 9110 13.1.3), compared to the second as Last-Modified carries it
+    modified = email.utils.parsedate_to_datetime((await client.get("/fhir/Observation/hr-3")).headers["last-modified"])
+    for delta, status in ((0, 304), (3600, 304), (-1, 200), (-86400, 200)):
+        when = email.utils.format_datetime(modified + dt.timedelta(seconds=delta), usegmt=True)
+        r = await client.get("/fhir/Observation/hr-3", headers={"If-Modified-Since": when})
+        assert r.status_code == status, (delta, r.status_code)
+        assert r.headers["etag"] == 'W/"1"'
+    later = email.utils.format_datetime(modified + dt.timedelta(hours=1), usegmt=True)
+    # If-None-Match decides when both are sent; an unparsable date is ignored
+    r = await client.get("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"0"', "If-Modified-Since": later})
+    assert r.status_code == 200
+    for junk in ("yesterday", "Mon, 32 Foo 2026 99:00:00 GMT", ""):
+        assert (await client.get("/fhir/Observation/hr-3", headers={"If-Modified-Since": junk})).status_code == 200
+    r = await client.get("/fhir/Observation/hr-3/_history/1", headers={"If-Modified-Since": later})
+    assert r.status_code == 304
+
+
+async def test_head_is_read_without_the_body(client):
+    full = await client.get("/fhir/Observation/hr-3")
+    r = await client.head("/fhir/Observation/hr-3")
+    assert r.status_code == 200 and r.content == b""
+    for h in ("etag", "last-modified", "content-type", "content-length"):
+        assert r.headers[h] == full.headers[h], h
+    r = await client.head("/fhir/Observation/hr-3/_history/1")
+    assert r.status_code == 200 and r.content == b"" and r.headers["etag"] == 'W/"1"'
+    assert (await client.head("/fhir/Observation/nope")).status_code == 404
+    assert (await client.head("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"1"'})).status_code == 304
 
 
 async def test_read_with_etag_and_last_modified(client):

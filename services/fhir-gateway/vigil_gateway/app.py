@@ -325,14 +325,17 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         headers = {"ETag": etag, **(extra or {})}
         if meta.get("lastUpdated"):
             headers["Last-Modified"] = http_date(meta["lastUpdated"])
-        inm = request.headers.get("if-none-match")
-        if status == 200 and request.method == "GET" and inm and (inm.strip() == "*" or etag in _etags(inm)):
+        if status == 200 and request.method in ("GET", "HEAD") and _not_modified(request, etag, meta):
             return Response(status_code=304, headers=headers)
-        return reply(request, resource, status, headers)
+        response = reply(request, resource, status, headers)
+        if request.method == "HEAD":  # the GET's headers (Content-Length included), no body
+            return Response(status_code=response.status_code, headers=dict(response.headers))
+        return response
 
-    @app.get(f"{base}/{{resource_type}}/{{resource_id}}")
+    @app.api_route(f"{base}/{{resource_type}}/{{resource_id}}", methods=["GET", "HEAD"])
     async def read(resource_type: str, resource_id: str, request: Request) -> Response:
-        """read: https://hl7.org/fhir/R4/http.html#read (ETag, Last-Modified, If-None-Match -> 304)."""
+        """read: https://hl7.org/fhir/R4/http.html#read (ETag, Last-Modified; If-None-Match or
+        If-Modified-Since -> 304: https://hl7.org/fhir/R4/http.html#cread); HEAD as GET without the body."""
         await guard(request, resource_type, "read", _patient_of_id(resource_type, resource_id))
         _check_id(resource_type, resource_id)
         resource = await run_in_threadpool(store.read, resource_type, resource_id)
@@ -343,7 +346,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
                         _patient_of_resource(resource), resource=resource)
         return versioned(request, resource)
 
-    @app.get(f"{base}/{{resource_type}}/{{resource_id}}/_history/{{version_id}}")
+    @app.api_route(f"{base}/{{resource_type}}/{{resource_id}}/_history/{{version_id}}", methods=["GET", "HEAD"])
     async def vread(resource_type: str, resource_id: str, version_id: str, request: Request) -> Response:
         """vread: https://hl7.org/fhir/R4/http.html#vread"""
         await guard(request, resource_type, "vread", _patient_of_id(resource_type, resource_id))
@@ -511,6 +514,26 @@ def negotiate(request: Request) -> None:
 
 def _strict(request: Request) -> bool:
     return any(p.strip().replace(" ", "") == "handling=strict" for p in request.headers.get("prefer", "").split(","))
+
+
+def _not_modified(request: Request, etag: str, meta: dict) -> bool:
+    """RFC 9110 13.2.2: If-None-Match decides when present; otherwise If-Modified-Since, true when the
+    resource's lastUpdated (to the second, as Last-Modified carries it) is not after the date. An
+    unparsable date is ignored, as the RFC says."""
+    inm = request.headers.get("if-none-match")
+    if inm:
+        return inm.strip() == "*" or etag in _etags(inm)
+    ims = request.headers.get("if-modified-since")
+    if not ims or not meta.get("lastUpdated"):
+        return False
+    try:
+        since = email.utils.parsedate_to_datetime(ims)
+    except (TypeError, ValueError):
+        return False
+    if since.tzinfo is None:
+        return False
+    modified = dt.datetime.fromisoformat(meta["lastUpdated"]).replace(microsecond=0)
+    return modified <= since
 
 
 def _etags(header: str) -> list[str]:

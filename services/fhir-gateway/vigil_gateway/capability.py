@@ -36,7 +36,7 @@ def capability_statement(*, base_url: str, auth_enabled: bool, software_version:
             "readHistory": True,
             "updateCreate": rtype in WRITABLE_TYPES,
             "conditionalCreate": rtype in WRITABLE_TYPES,
-            "conditionalRead": "not-match",  # read answers If-None-Match with 304 (not If-Modified-Since)
+            "conditionalRead": "full-support",  # read answers If-None-Match and If-Modified-Since with 304
             "conditionalUpdate": False,
             "conditionalDelete": "not-supported",
             "searchInclude": includes,
