@@ -55,8 +55,19 @@ def bad_request(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     out = []
     for d in st.details:
         br = error_details_pb2.BadRequest()
-        assert d.Unpack(br)
-        out += [(v.field, v.description) for v in br.field_violations]
+        if d.Is(br.DESCRIPTOR):
+            assert d.Unpack(br)
+            out += [(v.field, v.description) for v in br.field_violations]
+    assert [d for d in st.details if d.Is(error_details_pb2.BadRequest.DESCRIPTOR)], "no BadRequest detail"
+    return out
+
+
+def preconditions(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    out = []
+    for d in rpc_status.from_call(err).details:
+        pf = error_details_pb2.PreconditionFailure()
+        if d.Unpack(pf):
+            out += [(v.type, v.subject) for v in pf.violations]
     return out
 
 
@@ -275,6 +286,56 @@ async def test_unbound_device_is_refused_with_precondition_failure(served):
     pf = error_details_pb2.PreconditionFailure()
     assert st.details[0].Unpack(pf)
     assert [(v.type, v.subject) for v in pf.violations] == [("REGISTRATION", "devices/never-registered")]
+    assert pub.messages == []
+
+
+async def test_binding_problems_and_field_errors_are_reported_together(served):
+    """A batch with field errors is INVALID_ARGUMENT even when its device is unbound or unregistered,
+    and the status lists both: the BadRequest violations and the PreconditionFailure."""
+    _, pub, ch = served
+    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+
+    def readings(device, times, unit="/min"):
+        return ingest_pb2.ReadingBatch(device_id=device, readings=[
+            make_reading(1 + i, "8867-4", 70, unit if i == 1 else "/min", t) for i, t in enumerate(times)])
+
+    early = T - 2 * 86400  # before monitor-1's binding starts
+    cases = [
+        (readings("never-registered", [T, T + 60], unit="kg"), [("REGISTRATION", "devices/never-registered")]),
+        (readings("monitor-1", [early, T + 60], unit="kg"), [("BINDING", "readings[0]")]),
+    ]
+    for b, want_pf in cases:
+        for call in ("upload", "stream"):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                if call == "upload":
+                    await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[b]))
+                else:
+                    [x async for x in stub.StreamReadings(iter([ingest_pb2.StreamReadingsRequest(batch=b)]))]
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (call, e.value.details())
+            prefix = "batches[0]." if call == "upload" else ""
+            assert [f for f, _ in bad_request(e.value)] == [prefix + "readings[1].unit"]
+            assert preconditions(e.value) == [(t, (prefix + s) if s.startswith("readings") else s)
+                                              for t, s in want_pf]
+            assert "readings[1].unit" in e.value.details() and want_pf[0][1] in e.value.details()
+    # an upload: batch 0 is only unbound, batch 1 only malformed; one answer names both
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[
+            readings("monitor-1", [early, early + 60]), readings("monitor-2", [T, T + 60], unit="kg")]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(e.value)] == ["batches[1].readings[1].unit"]
+    assert preconditions(e.value) == [("BINDING", "batches[0].readings[0]"), ("BINDING", "batches[0].readings[1]")]
+    # readings of two patients plus a bad unit: both violations
+    mixed = readings("monitor-1", [T, T + 60], unit="kg")
+    mixed.patient_id = "p000002"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[mixed]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(e.value)] == ["batches[0].patient_id", "batches[0].readings[1].unit"]
+    # without field errors a binding problem stays FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.UploadReadings(ingest_pb2.UploadReadingsRequest(batches=[readings("monitor-1", [early, T])]))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert preconditions(e.value) == [("BINDING", "batches[0].readings[0]")]
     assert pub.messages == []
 
 

@@ -65,13 +65,22 @@ def _by_reading(v: Violation) -> int:
 
 
 class BatchRejected(Exception):
-    """The batch breaks the contract; `violations` name each bad field (e.g. readings[3].unit)."""
+    """The batch breaks the contract; `violations` name each bad field (e.g. readings[3].unit).
 
-    def __init__(self, violations: list[Violation], *, batch_index: int | None = None):
+    `preconditions` ((type, subject, description), as BindingRefused's) are the binding problems of the
+    same batch: the status is INVALID_ARGUMENT, since the batch would be refused even once bound, and it
+    carries both lists so that the device learns everything to fix in one answer."""
+
+    def __init__(self, violations: list[Violation], *, batch_index: int | None = None,
+                 preconditions: list[tuple[str, str, str]] = ()):
         self.violations = list(violations)
+        self.preconditions = list(preconditions)
         self.batch_index = batch_index
         where = "" if batch_index is None else f"batches[{batch_index}]: "
-        super().__init__(where + "; ".join(f"{v.field}: {v.description}" for v in self.violations))
+        text = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        if self.preconditions:
+            text += "; and " + "; ".join(f"{s}: {d}" for _t, s, d in self.preconditions)
+        super().__init__(where + text)
 
 
 class BindingRefused(Exception):
@@ -192,6 +201,19 @@ def prepare_batch(batch: ingest_pb2.ReadingBatch, catalogue: Catalogue | None = 
         device_id=batch.device_id, first_sequence=first, last_sequence=last, count=len(readings),
         patient_id=patient, last_effective=max(r[5] for r in readings),
     )
+
+
+def with_field_violations(batch: ingest_pb2.ReadingBatch, violations: list[Violation] = (),
+                          catalogue: Catalogue | None = None) -> list[Violation]:
+    """`violations` plus what prepare_batch would refuse in the batch whoever its patient is, each field
+    once, in reading order: a batch refused on its binding reports its field errors too."""
+    try:
+        prepare_batch(batch, catalogue, patient_id=_UNRESOLVED)
+        more = []
+    except BatchRejected as e:
+        more = e.violations
+    seen = {v.field for v in violations}
+    return sorted(list(violations) + [v for v in more if v.field not in seen], key=_by_reading)
 
 
 async def publish_prepared(prepared: PreparedBatch, publisher: Publisher,

@@ -35,6 +35,7 @@ from vigil_ingest.handler import (
     prepare_batch,
     publish_prepared,
     resolve_patient,
+    with_field_violations,
 )
 from vigil_ingest.publisher import Publisher, PublishUnavailable
 from vigil_ingest.registry import (
@@ -54,32 +55,40 @@ _END = object()
 _DEFAULT = object()
 
 
+def _precondition_failure(violations: list[tuple[str, str, str]], batch_index: int | None
+                          ) -> error_details_pb2.PreconditionFailure:
+    prefix = "" if batch_index is None else f"batches[{batch_index}]."
+    return error_details_pb2.PreconditionFailure(violations=[
+        error_details_pb2.PreconditionFailure.Violation(
+            type=t, subject=(prefix + s) if s.startswith("readings") else s, description=d)
+        for t, s, d in violations])
+
+
+def _refusal_message(err: Exception, acked: int | None) -> str:
+    msg = f"batch refused: {err}"
+    if acked is not None:
+        msg += f" ({acked} earlier batch(es) on this stream were acknowledged and stay durable)"
+    return msg
+
+
 def bad_request_status(err: BatchRejected, *, acked: int | None = None) -> status_pb2.Status:
-    """INVALID_ARGUMENT with google.rpc.BadRequest details, one field violation per problem."""
+    """INVALID_ARGUMENT with google.rpc.BadRequest details, one field violation per problem, and a
+    google.rpc.PreconditionFailure too when the same batch also has binding problems."""
     prefix = "" if err.batch_index is None else f"batches[{err.batch_index}]."  # one batch of an upload
     detail = error_details_pb2.BadRequest(field_violations=[
         error_details_pb2.BadRequest.FieldViolation(field=prefix + v.field, description=v.description)
         for v in err.violations])
-    msg = f"batch refused: {err}"
-    if acked is not None:
-        msg += f" ({acked} earlier batch(es) on this stream were acknowledged and stay durable)"
-    st = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=msg)
+    st = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=_refusal_message(err, acked))
     st.details.add().Pack(detail)
+    if err.preconditions:
+        st.details.add().Pack(_precondition_failure(err.preconditions, err.batch_index))
     return st
 
 
 def precondition_status(err: BindingRefused, *, acked: int | None = None) -> status_pb2.Status:
     """FAILED_PRECONDITION with google.rpc.PreconditionFailure (REGISTRATION or BINDING per reading)."""
-    prefix = "" if err.batch_index is None else f"batches[{err.batch_index}]."
-    detail = error_details_pb2.PreconditionFailure(violations=[
-        error_details_pb2.PreconditionFailure.Violation(
-            type=t, subject=(prefix + s) if s.startswith("readings") else s, description=d)
-        for t, s, d in err.violations])
-    msg = f"batch refused: {err}"
-    if acked is not None:
-        msg += f" ({acked} earlier batch(es) on this stream were acknowledged and stay durable)"
-    st = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=msg)
-    st.details.add().Pack(detail)
+    st = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=_refusal_message(err, acked))
+    st.details.add().Pack(_precondition_failure(err.violations, err.batch_index))
     return st
 
 
@@ -252,11 +261,22 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if prepared is not None:
                 return prepared
         try:
-            patient = resolve_patient(batch, rec, batch_index=batch_index)
-        except BindingRefused:
-            # The cache may lag a binding made a moment ago on another replica: read the bucket once.
-            rec = await self._record(batch, vendor, refresh=True)
-            patient = resolve_patient(batch, rec, batch_index=batch_index)
+            try:
+                patient = resolve_patient(batch, rec, batch_index=batch_index)
+            except BindingRefused:
+                # The cache may lag a binding made a moment ago on another replica: read the bucket once.
+                rec = await self._record(batch, vendor, refresh=True)
+                patient = resolve_patient(batch, rec, batch_index=batch_index)
+        except BindingRefused as refused:  # with the batch's own field errors, if it has any
+            fields = with_field_violations(batch, [], self.catalogue)
+            if fields:
+                raise BatchRejected(fields, batch_index=batch_index, preconditions=refused.violations) from None
+            raise
+        except BatchRejected as mixed:  # readings of two patients (or patient_id not the bound one)
+            merged = with_field_violations(batch, mixed.violations, self.catalogue)
+            if len(merged) > len(mixed.violations):
+                raise BatchRejected(merged, batch_index=batch_index) from None
+            raise
         return prepare_batch(batch, self.catalogue, batch_index=batch_index, patient_id=patient)
 
     def _prepare_native(self, raw: bytes, wrapped: bool, rec: DeviceRecord, batch_patient: str
@@ -363,6 +383,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                                                     raw=batch.SerializeToString() if self.fast else None))
             except BatchRejected as e:
                 violations += [Violation(f"batches[{i}].{v.field}", v.description) for v in e.violations]
+                preconditions += [(t, f"batches[{i}].{s}" if s.startswith("readings") else s, d)
+                                  for t, s, d in e.preconditions]
             except BindingRefused as e:
                 preconditions += [(t, f"batches[{i}].{s}" if s.startswith("readings") else s, d)
                                   for t, s, d in e.violations]
@@ -372,8 +394,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 await self._abort_refusal(context, e)
         if not request.batches:
             violations.append(Violation("batches", "at least one batch is required"))
-        if violations:
-            await self._abort_refusal(context, BatchRejected(violations))
+        if violations:  # INVALID_ARGUMENT, listing the binding problems of the upload too
+            await self._abort_refusal(context, BatchRejected(violations, preconditions=preconditions))
         if preconditions:
             await self._abort_refusal(context, BindingRefused(preconditions))
 
