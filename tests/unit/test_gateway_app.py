@@ -236,6 +236,17 @@ async def test_history_count_must_be_ascii_digits(client):
     assert_outcome(await client.get("/fhir/Observation/hr-1/_history", params={"_offset": "٣"}), 400, "invalid")
 
 
+
+@pytest.mark.parametrize("value", ["５", " 5", "+5", "1_0", "-1", "5.0", ""])
+async def test_paging_numbers_are_ascii_digits_on_every_endpoint(client, value):
+    # one parser (search_params.non_negative_int) for search, history and AuditEvent paging
+    for path in ("/fhir/Observation", "/fhir/Observation/_history", "/fhir/Observation/hr-1/_history"):
+        for name in ("_count", "_offset"):
+            body = assert_outcome(await client.get(path, params={name: value}), 400, "invalid")
+            assert name in body["issue"][0]["diagnostics"], (path, name)
+    assert (await client.get("/fhir/Observation", params={"_count": "007"})).status_code == 200
+
+
 async def test_audit_event_date_prefixes_are_ranges(client):
     import datetime as dt
     assert (await client.get("/fhir/Observation/hr-1")).status_code == 200  # leaves an AuditEvent now

@@ -46,7 +46,7 @@ from vigil_gateway.outcomes import (
     FhirJSONResponse,
     operation_outcome,
 )
-from vigil_gateway.search_params import ParsedSearch, parse_search
+from vigil_gateway.search_params import ParsedSearch, non_negative_int, parse_search
 from vigil_gateway.store import InvalidResource, PreconditionFailed, SearchResult, Store, now_instant
 from vigil_gateway.validation import validate_resource
 
@@ -546,11 +546,7 @@ def _check_id(resource_type: str, resource_id: str) -> None:
 
 
 def _int_param(value: str | None, default: int, maximum: int, name: str) -> int:
-    if value is None:
-        return default
-    if not (value.isascii() and value.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
-        raise FhirError(400, "invalid", f"{name} must be a non-negative integer")
-    return min(int(value), maximum)
+    return default if value is None else non_negative_int(name, value, maximum)
 
 
 def _instant_param(value: str | None, name: str) -> str | None:

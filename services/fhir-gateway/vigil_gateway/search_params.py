@@ -76,14 +76,12 @@ def parse_date(name: str, value: str) -> DateValue:
     return DateValue(m.group(1) or "eq", rng[0], rng[1])
 
 
-def _int(name: str, value: str, maximum: int) -> int:
-    try:
-        n = int(value, 10)
-    except ValueError:
-        raise FhirError(400, "invalid", f"{name} must be a non-negative integer, got {value!r}") from None
-    if n < 0:
+def non_negative_int(name: str, value: str, maximum: int) -> int:
+    """A paging parameter (_count, _offset, _snapshot): ASCII digits only, capped at `maximum`.
+    int() alone would also take ' 5', '+5', '1_000' and non-ASCII digits such as '５'."""
+    if not (value.isascii() and value.isdigit()):
         raise FhirError(400, "invalid", f"{name} must be a non-negative integer, got {value!r}")
-    return min(n, maximum)
+    return min(int(value), maximum)
 
 
 def _split(value: str, sep: str = ",", keep: str = "") -> list[str]:
@@ -148,13 +146,13 @@ def parse_search(resource_type: str, items: list[tuple[str, str]], *, strict: bo
             link.append((name, value))
             continue
         if base == "_count":
-            count = _int("_count", value, MAX_COUNT)
+            count = non_negative_int("_count", value, MAX_COUNT)
             continue
         if base == "_offset":
-            offset = _int("_offset", value, MAX_OFFSET)
+            offset = non_negative_int("_offset", value, MAX_OFFSET)
             continue
         if base == "_snapshot":
-            snapshot = _int("_snapshot", value, 2 ** 62)
+            snapshot = non_negative_int("_snapshot", value, 2 ** 62)
             continue
         if base == "_total":
             if value not in ("none", "estimate", "accurate"):
