@@ -160,6 +160,8 @@ def test_production_render(rendered):
               for e in c["env"]}
     assert gw_env["OTEL_METRICS_EXPORTER"] == "prometheus" and gw_env["VIGIL_LOG_FORMAT"] == "json"
     assert _by(docs, "Job", "realm-import"), "realm import Job missing"
+    [ing] = _by(docs, "Ingress", "gateway")  # rendered, schema-checked and scanned by chart-check.sh
+    assert ing["spec"]["tls"][0]["secretName"] == "vigil-example-tls"
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"} == hpas
 
 
@@ -280,6 +282,37 @@ def test_gateway_public_base_url(tmp_path):
     assert base(_render(tmp_path / "a")) == "http://t-vigil-gateway.default.svc:8080/fhir"
     assert base(_render(tmp_path / "b", "--set", "gateway.publicBaseUrl=https://vigil.example/fhir")) == \
         "https://vigil.example/fhir"
+
+
+def test_gateway_ingress(tmp_path):
+    """gateway.ingress: the FHIR API only (/fhir, not /healthz or /metrics), TLS when a Secret is named,
+    and links that follow the Ingress host unless publicBaseUrl says otherwise."""
+    def parts(docs):
+        ing = [d for d in docs if d["kind"] == "Ingress"]
+        gw = _by(docs, "Deployment", "gateway")[0]["spec"]["template"]["spec"]["containers"][0]
+        return ing, {e["name"]: e.get("value") for e in gw["env"]}["VIGIL_PUBLIC_BASE_URL"]
+
+    assert parts(_render(tmp_path / "off"))[0] == []
+    on = ["--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.host=fhir.example.org"]
+    [ing], base = parts(_render(tmp_path / "http", *on))
+    assert base == "http://fhir.example.org/fhir" and "tls" not in ing["spec"]
+    [rule] = ing["spec"]["rules"]
+    assert rule["host"] == "fhir.example.org"
+    assert [(p["path"], p["pathType"], p["backend"]["service"]["name"], p["backend"]["service"]["port"])
+            for p in rule["http"]["paths"]] == [("/fhir", "Prefix", "t-vigil-gateway", {"name": "http"})]
+    svc = _by(_render(tmp_path / "svc"), "Service", "gateway")[0]
+    assert "http" in [p["name"] for p in svc["spec"]["ports"]]
+    [ing], base = parts(_render(tmp_path / "tls", *on, "--set", "gateway.ingress.tls.secretName=fhir-tls",
+                                "--set", "gateway.ingress.className=nginx"))
+    assert base == "https://fhir.example.org/fhir" and ing["spec"]["ingressClassName"] == "nginx"
+    assert ing["spec"]["tls"] == [{"hosts": ["fhir.example.org"], "secretName": "fhir-tls"}]
+    _, base = parts(_render(tmp_path / "pub", *on, "--set", "gateway.publicBaseUrl=https://ehr.example/fhir"))
+    assert base == "https://ehr.example/fhir"
+    for args, message in ((["--set", "gateway.ingress.enabled=true"], "gateway.ingress.host"),
+                          ([*on[:2], "--set", "gateway.ingress.host=Not_A_Host"], "/gateway/ingress/host")):
+        bad = _helm_template(tmp_path / "bad", *args)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+        shutil.rmtree(tmp_path / "bad")
 
 
 def test_gateway_scrape_with_restricted_gateway_peers(tmp_path):
