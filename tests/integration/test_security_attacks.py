@@ -275,6 +275,12 @@ async def test_missing_scope_is_403(gw, tokens):
                                                          "Content-Type": "application/fhir+json"},
                            content=json.dumps({"resourceType": "Patient", "id": B}))
         assert_403(r)
+        # ...whatever the body: a malformed one is not judged (403, not 400 or 415) without the scope
+        for body, ctype in ((b"{not json", "application/fhir+json"), (b"x", "text/plain")):
+            assert_403(await http.put(f"{gw}/Patient/{B}", content=body,
+                                      headers={**bearer(tokens["backend"]), "Content-Type": ctype}))
+        assert_403(await http.post(f"{gw}/Observation/_search", content=b"subject=x",
+                                   headers={**bearer(tokens["no_scope"]), "Content-Type": "text/plain"}))
 
 
 async def test_patient_token_cannot_write_or_read_other_types(gw, tokens):

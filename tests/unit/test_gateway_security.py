@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import httpx
+import orjson
 import pytest
 from vigil_gateway.app import _compartment_param, create_app, smart_configuration_document
 from vigil_gateway.bootstrap import build_store
@@ -175,3 +176,30 @@ async def test_authentication_comes_before_the_body_is_read(http):
     r = await http.post("/fhir/Observation/_search", content=b"subject=Patient/pa",
                         headers={**auth("pa"), "content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200 and ids(r) == {"a1", "a2"}
+
+
+async def test_a_token_without_the_scope_gets_403_before_its_body_is_judged(http):
+    """A valid token whose scopes do not cover the write (or the search) gets 403 whatever its body is,
+    as the token without any credentials gets 401: its body is not read, let alone judged."""
+    fhir = {"content-type": "application/fhir+json"}
+    cases = [  # "ehr" has system/*.read and system/Patient.write: no Encounter write
+        ("ehr", "PUT", "/fhir/Encounter/e1", b"{not json", fhir),
+        ("ehr", "POST", "/fhir/Encounter", orjson.dumps({"resourceType": "Encounter", "status": "robot"}), fhir),
+        ("ehr", "PUT", "/fhir/Encounter/e1", b"x", {"content-type": "text/plain"}),
+        ("none", "POST", "/fhir/Patient", b"{not json", fhir),
+        ("none", "POST", "/fhir/Observation/_search", b"subject=Patient/pa", {"content-type": "text/plain"}),
+        ("pa-obs", "PUT", "/fhir/Encounter/ea", orjson.dumps({"resourceType": "Patient"}), fhir),
+    ]
+    for who, method, url, body, headers in cases:
+        r = await http.request(method, url, content=body, headers={**headers, **auth(who)})
+        assert r.status_code == 403, (who, method, url, r.text)
+        assert r.json()["issue"][0]["code"] == "forbidden"
+        assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
+    # A token holding the scope gets the precise error for the same kind of body...
+    r = await http.put("/fhir/Encounter/ea", content=b"{not json", headers={**fhir, **auth("pa-write")})
+    assert r.status_code == 400 and r.json()["issue"][0]["code"] == "structure"
+    # ...and its compartment is still checked against the body once it is read.
+    enc = {"resourceType": "Encounter", "id": "ex", "status": "planned", "class": {"code": "IMP"},
+           "subject": {"reference": "Patient/pb"}}
+    r = await http.put("/fhir/Encounter/ex", content=orjson.dumps(enc), headers={**fhir, **auth("pa-write")})
+    assert r.status_code == 403

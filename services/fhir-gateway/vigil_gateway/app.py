@@ -36,7 +36,14 @@ from vigil.ids import is_fhir_id
 from vigil.settings import Settings
 from vigil.tokens import TokenValidator
 from vigil_gateway.audit_log import AuditLog
-from vigil_gateway.auth import authenticate, authorize, forbidden, may_read_type, may_search_audit
+from vigil_gateway.auth import (
+    authenticate,
+    authorize,
+    forbidden,
+    may_read_type,
+    may_search_audit,
+    require_scope,
+)
 from vigil_gateway.capability import capability_statement
 from vigil_gateway.fhirindex import SUPPORTED_TYPES, WRITABLE_TYPES, date_range, normalise_reference
 from vigil_gateway.outcomes import (
@@ -80,10 +87,12 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     smart_config: dict = {}
     search_async = getattr(store, "search_query_async", None)
 
-    async def identify(request: Request, resource_type: str | None, interaction: str) -> dict | None:
+    async def identify(request: Request, resource_type: str | None, interaction: str, *,
+                       scope: str | None = None) -> dict | None:
         """Content negotiation, the type check and authentication (once per request): the claims, or
         None with auth off. Runs before a request body is read, so a caller without a valid token
-        learns nothing about what the gateway would have made of its body (401 first)."""
+        learns nothing about what the gateway would have made of its body (401 first). `scope`: the
+        SMART interaction whose scope is checked here too, before the body (403 before any 400)."""
         if getattr(request.state, "identified", False):
             return getattr(request.state, "claims", None)
         request.state.audit = {"interaction": interaction, "type": resource_type,
@@ -96,6 +105,8 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         if validator is not None:
             claims = await authenticate(request, validator)
             request.state.claims = claims
+            if scope is not None and resource_type is not None:
+                require_scope(claims, resource_type, scope)
         request.state.identified = True
         return claims
 
@@ -246,7 +257,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     @app.post(f"{base}/{{resource_type}}/_search")
     async def search_post(resource_type: str, request: Request) -> Response:
         """search-type by POST: form-encoded body parameters plus any in the URL."""
-        await identify(request, resource_type, "search")
+        await identify(request, resource_type, "search", scope="search-type")
         ctype = request.headers.get("content-type", "")
         body = await request.body()
         if body and not ctype.startswith("application/x-www-form-urlencoded"):
@@ -415,7 +426,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     @app.post(f"{base}/{{resource_type}}")
     async def create(resource_type: str, request: Request) -> Response:
         """create and conditional create (If-None-Exist): https://hl7.org/fhir/R4/http.html#create"""
-        await identify(request, resource_type, "create")
+        await identify(request, resource_type, "create", scope="create")
         resource = await body_resource(request, resource_type)
         await guard(request, resource_type, "create", _patient_of_resource(resource))
         check_writable(resource_type)
@@ -439,7 +450,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     @app.put(f"{base}/{{resource_type}}/{{resource_id}}")
     async def update(resource_type: str, resource_id: str, request: Request) -> Response:
         """update and update-as-create: https://hl7.org/fhir/R4/http.html#update (If-Match -> 412)."""
-        await identify(request, resource_type, "update")
+        await identify(request, resource_type, "update", scope="update")
         resource = await body_resource(request, resource_type)
         await guard(request, resource_type, "update", _patient_of_resource(resource))
         check_writable(resource_type)

@@ -57,6 +57,17 @@ async def authenticate(request: Request, validator: TokenValidator) -> dict:
     return claims
 
 
+def require_scope(claims: dict | None, resource_type: str, interaction: str) -> None:
+    """FhirError 403 unless some scope of `claims` covers `interaction` on `resource_type`, whatever the
+    target: the check that needs no request body, so a token without e.g. a write scope gets its 403
+    before its body is read (a malformed body would otherwise earn it a 400 that judges the body)."""
+    if claims is None:
+        return
+    decision = smart.decide(scopes_of(claims), resource_type, interaction, patient_claim(claims))
+    if not decision.allowed:
+        raise forbidden(decision.reason)
+
+
 def patient_claim(claims: dict) -> str | None:
     """The launch-context patient id of a token (SMART `patient` claim; `Patient/x` accepted too)."""
     value = claims.get("patient")
