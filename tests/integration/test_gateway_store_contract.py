@@ -179,3 +179,49 @@ class _raw:
     def __exit__(self, *exc):
         if self.store.dialect == "postgresql" and exc[0] is None:
             self.store._write.commit()
+
+
+async def test_async_reads_answer_as_the_sync_ones(store):
+    """read_async/vread_async (the gateway's read path, on the event loop) give exactly
+    what read/vread give: every version, a missing id, a missing version, another type's id."""
+    store.upsert_many([obs("o1"), obs("o2", patient="p2")])
+    store.upsert_many([obs("o1", value=81.0)])
+    read_async = store.read_async
+    for rtype, rid in (("Observation", "o1"), ("Observation", "o2"), ("Observation", "nope"),
+                       ("RiskAssessment", "o1")):
+        assert await read_async(rtype, rid) == store.read(rtype, rid)
+    assert (await read_async("Observation", "o1"))["meta"]["versionId"] == "2"
+    for version in (1, 2, 3):
+        assert await store.vread_async("Observation", "o1", version) == store.vread("Observation", "o1", version)
+    assert (await store.vread_async("Observation", "o1", 1))["valueQuantity"]["value"] == 80.0
+    assert await store.vread_async("Observation", "o1", 3) is None
+
+
+
+async def test_sqlite_event_loop_read_goes_to_a_thread_when_busy(tmp_path, monkeypatch):
+    """SQLite's read_async runs inline on the event loop with busy_timeout 0, so it never waits there.
+    WAL readers are not blocked by the writer; when SQLite answers "database is locked" all the same,
+    the lookup is answered by read() in a worker thread. The busy connection here is a real one: a
+    rollback-journal database held exclusively by another connection."""
+    import sqlite3
+
+    store = build_store(f"sqlite:///{tmp_path}/gw.db")
+    store.migrate()
+    store.upsert_many([obs("o1")])
+    expected = store.read("Observation", "o1")
+    assert await store.read_async("Observation", "o1") == expected
+    locked = tmp_path / "locked.db"
+    holder = sqlite3.connect(locked, isolation_level=None)
+    holder.execute("CREATE TABLE resources (body TEXT, resource_type TEXT, id TEXT)")
+    holder.execute("BEGIN EXCLUSIVE")
+    busy = sqlite3.connect(locked, isolation_level=None, check_same_thread=False)
+    busy.execute("PRAGMA busy_timeout=0")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        busy.execute(store.read_sql, ["Observation", "o1"]).fetchone()
+    monkeypatch.setattr(store, "_loop_reader", lambda: busy)
+    assert await store.read_async("Observation", "o1") == expected
+    assert await store.vread_async("Observation", "o1", 1) == store.vread("Observation", "o1", 1)
+    holder.execute("ROLLBACK")
+    for c in (holder, busy):
+        c.close()
+    store.close()

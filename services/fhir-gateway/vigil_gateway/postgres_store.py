@@ -180,6 +180,21 @@ class PostgresStore(SqlStore):
         if query.include or query.revinclude:
             return await asyncio.to_thread(self.search_query, query)
         sql, params = self.search_sql(query)
+        return self._one_statement_result(query, await self._afetchone(sql, params))
+
+    async def read_async(self, resource_type: str, resource_id: str) -> dict | None:
+        """read from the event loop: one statement on an async connection (autocommit: no BEGIN/COMMIT
+        round trips, no worker-thread hop); the same answer as read()."""
+        row = await self._afetchone(self._sql(self.read_sql), [resource_type, resource_id])
+        return self._decode(row[0]) if row else None
+
+    async def vread_async(self, resource_type: str, resource_id: str, version: int) -> dict | None:
+        """vread from the event loop, as read_async; the same answer as vread()."""
+        row = await self._afetchone(self._sql(self.vread_sql), [resource_type, resource_id, version])
+        return self._decode(row[0]) if row else None
+
+    async def _afetchone(self, sql: str, params: list):
+        """One statement on an idle async read connection (binary results), its first row."""
         sem = self._async_pool()
         async with sem:
             conn = self._aidle.pop() if self._aidle else None
@@ -195,7 +210,7 @@ class PostgresStore(SqlStore):
                 conn.pgconn.finish()
                 raise
             self._aidle.append(conn)
-        return self._one_statement_result(query, row)
+        return row
 
     def _async_pool(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()

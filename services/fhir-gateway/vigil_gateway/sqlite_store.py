@@ -8,6 +8,7 @@ All SQL lives in store.SqlStore, shared with PostgreSQL.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import pathlib
 import sqlite3
@@ -47,6 +48,10 @@ class SqliteStore(SqlStore):
         self._write_lock = threading.RLock()
         self._read_lock = self._write_lock if memory else threading.RLock()
         self._gate = WriteGate()  # REST writes before bus batches (store.WriteGate)
+        # read_async/vread_async: a third connection, used only by one event loop's thread
+        self._loop_conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._memory = memory
 
     @classmethod
     def from_url(cls, database_url: str) -> SqliteStore:
@@ -136,6 +141,42 @@ class SqliteStore(SqlStore):
         end = tx.q("UPDATE resource_seq SET value=value+? WHERE id=1 RETURNING value", [n])[0][0]
         return list(range(end - n + 1, end + 1))
 
+    async def read_async(self, resource_type: str, resource_id: str) -> dict | None:
+        """read from the event loop: the same answer as read(), without the worker-thread hop (which
+        costs more than the lookup itself)."""
+        return await self._loop_lookup(self.read, self.read_sql, resource_type, resource_id)
+
+    async def vread_async(self, resource_type: str, resource_id: str, version: int) -> dict | None:
+        """vread from the event loop, as read_async."""
+        return await self._loop_lookup(self.vread, self.vread_sql, resource_type, resource_id, version)
+
+    async def _loop_lookup(self, sync, sql: str, *args) -> dict | None:
+        """One primary-key lookup run inline on the event loop, on a connection only this loop's thread
+        uses (no lock to wait for). WAL readers do not wait for the writer; if SQLite still answers busy
+        (e.g. WAL recovery after a crash), the loop does not wait either: the lookup goes to a thread as
+        read()/vread() do. An in-memory database has one connection: always the thread."""
+        conn = None if self._memory else self._loop_reader()
+        if conn is not None:
+            try:
+                row = conn.execute(sql, args).fetchone()
+            except sqlite3.OperationalError:
+                pass  # busy/locked: fall through to the thread, which waits with the usual timeout
+            else:
+                return self._decode(row[0]) if row else None
+        return await asyncio.to_thread(sync, *args)
+
+    def _loop_reader(self) -> sqlite3.Connection:
+        loop = asyncio.get_running_loop()
+        if self._loop_conn is None or self._loop is not loop:  # first use, or another loop (tests)
+            with self._read_lock:
+                old, self._loop_conn = self._loop_conn, None
+                if old is not None:
+                    old.close()
+                conn = self._connect()
+                conn.execute("PRAGMA busy_timeout=0")  # never block the event loop on a lock
+                self._loop_conn, self._loop = conn, loop
+        return self._loop_conn
+
     def ping(self) -> bool:
         try:
             with self._read_lock:
@@ -149,6 +190,9 @@ class SqliteStore(SqlStore):
             self._write.close()
             if self._read is not self._write:
                 self._read.close()
+            if self._loop_conn is not None:
+                self._loop_conn.close()
+                self._loop_conn = None
 
 
 def _statements(sql: str) -> list[str]:

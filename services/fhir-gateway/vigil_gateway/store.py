@@ -780,8 +780,19 @@ class SqlStore:
 
     # --- reads ------------------------------------------------------------------------------------
 
+    @property
+    def read_sql(self) -> str:
+        """read's one statement (`?` placeholders): the body of (resource_type, id)."""
+        return f"SELECT {self.body_col} FROM resources r WHERE r.resource_type=? AND r.id=?"
+
+    @property
+    def vread_sql(self) -> str:
+        """vread's one statement: the body of (resource_type, id, version_id)."""
+        return (f"SELECT {self.body_col} FROM resource_history r WHERE r.resource_type=? AND r.id=? "
+                "AND r.version_id=?")
+
     def _read_one(self, tx, rtype: str, rid: str) -> dict | None:
-        rows = tx.q(f"SELECT {self.body_col} FROM resources r WHERE r.resource_type=? AND r.id=?", [rtype, rid])
+        rows = tx.q(self.read_sql, [rtype, rid])
         return self._decode(rows[0][0]) if rows else None
 
     def read(self, resource_type: str, resource_id: str) -> dict | None:
@@ -796,8 +807,7 @@ class SqlStore:
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> dict | None:
         with self._read_tx() as tx:
-            rows = tx.q(f"SELECT {self.body_col} FROM resource_history r WHERE r.resource_type=? AND r.id=? "
-                        "AND r.version_id=?", [resource_type, resource_id, version])
+            rows = tx.q(self.vread_sql, [resource_type, resource_id, version])
         return self._decode(rows[0][0]) if rows else None
 
     def history(self, resource_type: str, resource_id: str | None, *, count: int, offset: int,
