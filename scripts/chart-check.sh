@@ -119,7 +119,8 @@ import sys, yaml, jsonschema, kubernetes_validate as kv
 
 version, files = sys.argv[1], sys.argv[2:]
 # Local schemas for CRDs the package does not ship (it has only the core Kubernetes API):
-# the parts of monitoring.coreos.com/v1 ServiceMonitor the chart uses, unknown fields rejected.
+# the parts of monitoring.coreos.com/v1 ServiceMonitor the chart uses (scheme/tlsConfig: gateway.tls),
+# unknown fields rejected.
 crd = {("monitoring.coreos.com/v1", "ServiceMonitor"): {
     "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
     "properties": {
@@ -134,7 +135,18 @@ crd = {("monitoring.coreos.com/v1", "ServiceMonitor"): {
                          "type": "object", "additionalProperties": False, "required": ["port"], "properties": {
                              "port": {"type": "string"}, "path": {"type": "string"},
                              "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
-                             "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}}}}}}}}}
+                             "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                             "scheme": {"enum": ["http", "https"]},
+                             "tlsConfig": {"type": "object", "additionalProperties": False, "properties": {
+                                 "ca": {"$ref": "#/$defs/selector"}, "cert": {"$ref": "#/$defs/selector"},
+                                 "keySecret": {"$ref": "#/$defs/keyRef"}, "serverName": {"type": "string"},
+                                 "insecureSkipVerify": {"type": "boolean"}}}}}}}}},
+    "$defs": {
+        "keyRef": {"type": "object", "required": ["name", "key"], "additionalProperties": False,
+                   "properties": {"name": {"type": "string", "minLength": 1}, "key": {"type": "string", "minLength": 1},
+                                  "optional": {"type": "boolean"}}},
+        "selector": {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+                     "properties": {"secret": {"$ref": "#/$defs/keyRef"}, "configMap": {"$ref": "#/$defs/keyRef"}}}}}}
 errors = n = 0
 for path in files:
     for doc in yaml.safe_load_all(open(path)):

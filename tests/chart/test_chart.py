@@ -23,6 +23,8 @@ CHART = REPO / "charts" / "vigil"
 SCRIPT = REPO / "scripts" / "chart-check.sh"
 CASES = ["default", "minimal-values", "production-values", "existing-nats-values", "partitioned-worker-values"]
 POD_KINDS = {"Deployment", "Job", "Pod"}
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
 
 
 def _env() -> dict[str, str]:
@@ -162,6 +164,19 @@ def test_production_render(rendered):
     assert _by(docs, "Job", "realm-import"), "realm import Job missing"
     [ing] = _by(docs, "Ingress", "gateway")  # rendered, schema-checked and scanned by chart-check.sh
     assert ing["spec"]["tls"][0]["secretName"] == "vigil-example-tls"
+    # the device API behind ingress-nginx, gRPC over TLS to the pod (ingest.tls with mTLS)
+    [ing] = _by(docs, "Ingress", "ingest")
+    assert ing["spec"]["rules"][0]["host"] == "devices.vigil.example"
+    assert ing["spec"]["tls"] == [{"hosts": ["devices.vigil.example"], "secretName": "devices-vigil-example-tls"}]
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    assert {p["backend"]["service"]["port"]["name"] for p in ing["spec"]["rules"][0]["http"]["paths"]} == {"grpc"}
+    ingest = _by(docs, "Deployment", "ingest")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"VIGIL_GRPC_TLS_CERT", "VIGIL_GRPC_TLS_KEY", "VIGIL_GRPC_TLS_CLIENT_CA"} <= {e["name"] for e in ingest["env"]}
+    assert all("grpc" not in ingest[k] for k in PROBES), "gRPC probes cannot reach an mTLS server"
+    np = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "vigil-ingest")
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in \
+        np["spec"]["ingress"][0]["from"], "the ingress controller must be allowed to reach ingest"
+    assert monitors["gateway"]["spec"]["endpoints"][0]["scheme"] == "https"
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"} == hpas
 
 
@@ -372,3 +387,228 @@ def test_egress_opens_the_ports_the_services_dial(tmp_path):
     default = {d["metadata"]["name"]: d for d in _render(tmp_path / "d") if d["kind"] == "NetworkPolicy"}
     for rule in default["t-vigil-gateway"]["spec"]["egress"]:
         assert len(rule["ports"]) == len({p["port"] for p in rule["ports"]}), rule
+
+
+def _container(docs, component):
+    return _by(docs, "Deployment", component)[0]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _pod(docs, component):
+    return _by(docs, "Deployment", component)[0]["spec"]["template"]["spec"]
+
+
+def _env_of(container) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _tls_files(pod, container) -> dict[str, tuple[str, str]]:
+    """Mounted file path -> (Secret, key), through the container's volumeMounts and the pod's volumes."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files = {}
+    for m in container["volumeMounts"]:
+        vol = volumes[m["name"]]
+        for src in vol.get("projected", {}).get("sources", []) + ([{"secret": vol["secret"]}] if "secret" in vol else []):
+            sec = src["secret"]
+            for item in sec.get("items", []):
+                files[f"{m['mountPath']}/{item['path']}"] = (sec.get("name") or sec.get("secretName"), item["key"])
+            assert m.get("readOnly") is True, m
+    return files
+
+
+def _write_values(tmp_path: pathlib.Path, values: dict) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_gateway_tls(tmp_path):
+    """gateway.tls.secretName: the Secret's tls.crt/tls.key mounted read-only and named by VIGIL_HTTP_TLS_*,
+    probes, Service, ServiceMonitor, helm test and the in-cluster base URL all on https."""
+    tls = ["--set", "gateway.tls.secretName=gw-tls"]
+    docs = _render(tmp_path / "on", *tls, "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.gateway=true")
+    gw, pod = _container(docs, "gateway"), _pod(docs, "gateway")
+    env, files = _env_of(gw), _tls_files(pod, gw)
+    assert files[env["VIGIL_HTTP_TLS_CERT"]] == ("gw-tls", "tls.crt")
+    assert files[env["VIGIL_HTTP_TLS_KEY"]] == ("gw-tls", "tls.key")
+    for kind in PROBES:
+        assert gw[kind]["httpGet"]["scheme"] == "HTTPS", (kind, gw[kind])
+    assert env["VIGIL_PUBLIC_BASE_URL"] == "https://t-vigil-gateway.default.svc:8080/fhir"
+    [port] = _by(docs, "Service", "gateway")[0]["spec"]["ports"]
+    assert (port["name"], port["appProtocol"]) == ("http", "https")
+    [endpoint] = next(d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == "t-vigil-gateway"
+                      )["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {"ca": {"secret": {"name": "gw-tls", "key": "ca.crt"}},
+                                     "serverName": "t-vigil-gateway.default.svc"}
+    test_env = _env_of(_by(docs, "Pod", "test")[0]["spec"]["containers"][0])
+    assert test_env["VIGIL_TEST_GATEWAY_URL"] == "https://t-vigil-gateway.default.svc:8080"
+    # the Ingress host decides what clients see: its own TLS, not the pod's
+    on = ["--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.host=fhir.example.org"]
+    assert _env_of(_container(_render(tmp_path / "ing", *tls, *on), "gateway"))["VIGIL_PUBLIC_BASE_URL"] == \
+        "http://fhir.example.org/fhir"
+    # an httpGet probe of the user's without a scheme gets HTTPS; an explicit scheme is kept
+    custom = _container(_render(tmp_path / "probe", *tls, "--set", "gateway.livenessProbe.httpGet.path=/livez",
+                                "--set", "gateway.livenessProbe.httpGet.port=8080",
+                                "--set", "gateway.readinessProbe.httpGet.path=/readyz",
+                                "--set", "gateway.readinessProbe.httpGet.port=9000",
+                                "--set", "gateway.readinessProbe.httpGet.scheme=HTTP"), "gateway")
+    assert custom["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 8080, "scheme": "HTTPS"}
+    assert custom["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+    # off: nothing of it
+    plain = _render(tmp_path / "off")
+    gw = _container(plain, "gateway")
+    assert not {"VIGIL_HTTP_TLS_CERT", "VIGIL_HTTP_TLS_KEY"} & set(_env_of(gw))
+    assert [m["name"] for m in gw["volumeMounts"]] == ["tmp"]
+    assert "scheme" not in gw["livenessProbe"]["httpGet"]
+    assert _by(plain, "Service", "gateway")[0]["spec"]["ports"][0]["appProtocol"] == "http"
+
+
+@pytest.mark.parametrize("extra, ca_source", [
+    ([], None),
+    (["--set", "ingest.tls.clientCaKey=ca.crt"], ("ing-tls", "ca.crt")),
+    (["--set", "ingest.tls.clientCaKey=bundle.pem", "--set", "ingest.tls.clientCaSecretName=device-ca"],
+     ("device-ca", "bundle.pem")),
+])
+def test_ingest_tls(tmp_path, extra, ca_source):
+    """ingest.tls: tls.crt/tls.key (and the client CA for mTLS) mounted read-only and named by VIGIL_GRPC_TLS_*;
+    the kubelet's gRPC probe speaks plaintext, so every default probe becomes a TCP connect."""
+    docs = _render(tmp_path, "--set", "ingest.tls.secretName=ing-tls", *extra)
+    ingest, pod = _container(docs, "ingest"), _pod(docs, "ingest")
+    env, files = _env_of(ingest), _tls_files(pod, ingest)
+    assert files[env["VIGIL_GRPC_TLS_CERT"]] == ("ing-tls", "tls.crt")
+    assert files[env["VIGIL_GRPC_TLS_KEY"]] == ("ing-tls", "tls.key")
+    if ca_source:
+        assert files[env["VIGIL_GRPC_TLS_CLIENT_CA"]] == ca_source
+    else:
+        assert "VIGIL_GRPC_TLS_CLIENT_CA" not in env
+    for kind in PROBES:
+        assert [h for h in HANDLERS if h in ingest[kind]] == ["tcpSocket"], (kind, ingest[kind])
+    assert _by(docs, "Service", "ingest")[0]["spec"]["ports"][0]["appProtocol"] == "https"
+    test_env = _env_of(_by(docs, "Pod", "test")[0]["spec"]["containers"][0])
+    assert test_env["VIGIL_TEST_INGEST_TLS"] == ("mtls" if ca_source else "tls")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "ingest.tls.clientCaKey=ca.crt"], "needs ingest.tls.secretName"),
+    (["--set", "ingest.tls.secretName=t", "--set", "ingest.tls.clientCaSecretName=ca"], "needs ingest.tls.clientCaKey"),
+    (["--set", "ingest.tls.secretName=t", "--set", "ingest.readinessProbe.grpc.port=50051"], "dials plaintext"),
+    (["--set", "ingest.tls.secretName=t", "--set", "ingest.tls.clientCaKey=ca.crt",
+      "--set", "ingest.readinessProbe.grpc.port=50051", "--set", "ingest.readinessProbe.grpc.mode=TLS"], "mTLS"),
+    (["--set", "gateway.tls.secretName=Not_A_Secret"], "/gateway/tls/secretName"),
+])
+def test_tls_misconfigurations_fail_the_render(tmp_path, args, message):
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    bad = _helm_template(tmp_path, *args)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+
+
+def test_ingest_tls_grpc_probe_in_tls_mode(tmp_path):
+    """grpc.mode TLS (Kubernetes 1.37, alpha gate GRPCContainerProbeTLS) is the one gRPC probe allowed with TLS."""
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    out = _helm_template(tmp_path, "--set", "ingest.tls.secretName=t", "--set", "ingest.readinessProbe.grpc.port=50051",
+                         "--set", "ingest.readinessProbe.grpc.mode=TLS")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    probe = _container(docs, "ingest")["readinessProbe"]
+    assert probe == {"grpc": {"port": 50051, "mode": "TLS"}}
+    kv = pytest.importorskip("kubernetes_validate")
+    kv.validate(_by(docs, "Deployment", "ingest")[0], "1.37.0", strict=True)
+
+
+def test_ingest_ingress(tmp_path):
+    """ingest.ingress: the device API's gRPC services (not reflection) to the grpc port, TLS when a Secret is
+    named, no Ingress without a host."""
+    assert _by(_render(tmp_path / "off"), "Ingress") == []
+    on = ["--set", "ingest.ingress.enabled=true", "--set", "ingest.ingress.host=devices.example.org"]
+    [ing] = _by(_render(tmp_path / "plain", *on), "Ingress", "ingest")
+    assert "tls" not in ing["spec"] and "ingressClassName" not in ing["spec"]
+    [rule] = ing["spec"]["rules"]
+    assert rule["host"] == "devices.example.org"
+    assert [(p["path"], p["pathType"], p["backend"]["service"]["name"], p["backend"]["service"]["port"])
+            for p in rule["http"]["paths"]] == [
+        (f"/{svc}", "Prefix", "t-vigil-ingest", {"name": "grpc"})
+        for svc in ("vigil.device.v1.IngestService", "vigil.device.v1.DeviceService", "grpc.health.v1.Health")]
+    assert "grpc" in [p["name"] for p in _by(_render(tmp_path / "svc"), "Service", "ingest")[0]["spec"]["ports"]]
+    [ing] = _by(_render(tmp_path / "tls", *on, "--set", "ingest.ingress.tls.secretName=devices-tls",
+                        "--set", "ingest.ingress.className=nginx",
+                        "--set", "ingest.ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/backend-protocol=GRPC"),
+                "Ingress", "ingest")
+    assert ing["spec"]["tls"] == [{"hosts": ["devices.example.org"], "secretName": "devices-tls"}]
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    assert ing["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/backend-protocol": "GRPC"}
+    for args, message in ((["--set", "ingest.ingress.enabled=true"], "ingest.ingress.host"),
+                          ([*on[:2], "--set", "ingest.ingress.host=Not_A_Host"], "/ingest/ingress/host"),
+                          ([*on, "--set", "ingest.ingress.tlss.secretName=x"], "tlss")):
+        bad = _helm_template(tmp_path / "bad", *args)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+        shutil.rmtree(tmp_path / "bad")
+
+
+# A probe of each kind for every workload, each with a handler other than the default's.
+OVERRIDES = {
+    "ingest": {"startupProbe": {"tcpSocket": {"port": "grpc"}, "failureThreshold": 30},
+               "livenessProbe": {"grpc": {"port": 50051}, "periodSeconds": 20},
+               "readinessProbe": {"tcpSocket": {"port": 50051}}},
+    "gateway": {"startupProbe": {"tcpSocket": {"port": "http"}},
+                "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 15},
+                "readinessProbe": {"exec": {"command": ["true"]}}},
+    "model": {"startupProbe": {"tcpSocket": {"port": "http"}},
+              "livenessProbe": {"tcpSocket": {"port": "http"}},
+              "readinessProbe": {"grpc": {"port": 3001}}},
+    "worker": {"startupProbe": {"exec": {"command": ["true"]}},
+               "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8081}},
+               "readinessProbe": {"tcpSocket": {"port": 8081}}},
+}
+
+
+def _handlers(probe: dict) -> list[str]:
+    return [h for h in HANDLERS if h in probe]
+
+
+def test_probe_override_replaces_the_default(tmp_path):
+    """A user probe with a handler replaces the chart's default wholesale, for every probe of every workload:
+    ingest.livenessProbe.grpc used to be deep-merged into the default tcpSocket probe, a pod with two
+    handlers that the API server rejects. Every rendered object validates (kubernetes-validate, strict)."""
+    docs = _render(tmp_path / "all", "-f", _write_values(tmp_path / "all", OVERRIDES))
+    for component, probes in OVERRIDES.items():
+        c = _container(docs, component)
+        for kind, want in probes.items():
+            assert c[kind] == want, (component, kind, c[kind])
+            assert len(_handlers(c[kind])) == 1
+    # the reported case alone, on the command line
+    ingest = _container(_render(tmp_path / "grpc", "--set", "ingest.livenessProbe.grpc.port=50051"), "ingest")
+    assert ingest["livenessProbe"] == {"grpc": {"port": 50051}}
+    assert _handlers(ingest["startupProbe"]) == ["grpc"] and _handlers(ingest["readinessProbe"]) == ["grpc"]
+
+
+def test_probe_tuning_and_disabling(tmp_path):
+    """No handler = tune the default (its handler kept); {enabled: false} = no probe; the old workaround
+    (tcpSocket: null next to grpc) still gives one handler; a probe with no handler to fall back on fails."""
+    values = {"ingest": {"readinessProbe": {"periodSeconds": 11},
+                         "livenessProbe": {"grpc": {"port": 50051}, "tcpSocket": None},
+                         "startupProbe": {"enabled": False}},
+              "model": {"livenessProbe": {"enabled": False}}}
+    docs = _render(tmp_path / "ok", "-f", _write_values(tmp_path / "ok", values))
+    ingest = _container(docs, "ingest")
+    assert ingest["readinessProbe"] == {"grpc": {"port": 50051}, "periodSeconds": 11, "timeoutSeconds": 3,
+                                        "failureThreshold": 3}
+    assert ingest["livenessProbe"] == {"grpc": {"port": 50051}}
+    assert "startupProbe" not in ingest
+    model = _container(docs, "model")
+    assert "livenessProbe" not in model and _handlers(model["readinessProbe"]) == ["httpGet"]
+    # the worker has no probes by default, and keeps its checkov notes for that
+    worker = _by(docs, "Deployment", "worker")[0]
+    assert not set(PROBES) & set(worker["spec"]["template"]["spec"]["containers"][0])
+    assert "checkov.io/skip1" in worker["metadata"]["annotations"]
+    with_probe = _by(_render(tmp_path / "w", "--set", "worker.livenessProbe.tcpSocket.port=8081"), "Deployment", "worker")
+    assert "annotations" not in with_probe[0]["metadata"]
+    for args, message in ((["--set", "worker.livenessProbe.periodSeconds=5"], "worker.livenessProbe has no handler"),
+                          (["--set", "gateway.livenessProbe.grpc.port=1", "--set", "gateway.livenessProbe.exec.command={true}"],
+                           "exactly one handler"),
+                          (["--set", "gateway.livenessProbe.periodSecond=5"], "periodSecond")):
+        bad = _helm_template(tmp_path / "bad", *args)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+        shutil.rmtree(tmp_path / "bad")

@@ -197,20 +197,38 @@ topologySpreadConstraints:
 {{- end }}
 {{- end }}
 
-{{/* Probes of a component (only those set). */}}
-{{- define "vigil.probes" -}}
-{{- with .startupProbe }}
-startupProbe:
-  {{- toYaml . | nindent 2 }}
+{{/* TLS files of a component in the pod: (dict "root" $ "component" "gateway"|"ingest"). The Secret's
+tls.crt and tls.key (plus ingest's client CA as client-ca.crt) in one read-only projected volume at
+/etc/vigil/tls. Mode 0440 with the pod's fsGroup (the files' group), else 0444: never 0400 root-owned,
+which uid 10001 could not read. */}}
+{{- define "vigil.tlsMountPath" -}}/etc/vigil/tls{{- end }}
+{{- define "vigil.tlsVolume" -}}
+{{- $t := (index .root.Values .component).tls }}
+{{- $caKey := dig "clientCaKey" "" $t }}
+{{- $caSecret := dig "clientCaSecretName" "" $t | default $t.secretName -}}
+- name: tls
+  projected:
+    defaultMode: {{ ternary 288 292 (hasKey .root.Values.podSecurityContext "fsGroup") }}
+    sources:
+      - secret:
+          name: {{ $t.secretName }}
+          items:
+            - {key: tls.crt, path: tls.crt}
+            - {key: tls.key, path: tls.key}
+            {{- if and $caKey (eq $caSecret $t.secretName) }}
+            - {key: {{ $caKey }}, path: client-ca.crt}
+            {{- end }}
+      {{- if and $caKey (ne $caSecret $t.secretName) }}
+      - secret:
+          name: {{ $caSecret }}
+          items:
+            - {key: {{ $caKey }}, path: client-ca.crt}
+      {{- end }}
 {{- end }}
-{{- with .livenessProbe }}
-livenessProbe:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .readinessProbe }}
-readinessProbe:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
+{{- define "vigil.tlsMount" -}}
+- name: tls
+  mountPath: {{ include "vigil.tlsMountPath" . }}
+  readOnly: true
 {{- end }}
 
 {{/* Fail early on configurations that cannot work. */}}
@@ -239,6 +257,12 @@ readinessProbe:
 {{- $np := .Values.networkPolicy }}
 {{- if and $np.enabled .Values.gateway.enabled .Values.serviceMonitor.enabled .Values.serviceMonitor.gateway $np.ingress.gateway (not $np.ingress.monitoring) }}
 {{- fail "serviceMonitor.gateway with networkPolicy.ingress.gateway peers needs networkPolicy.ingress.monitoring peers (Prometheus): the gateway serves /metrics on its API port 8080, so \"empty = anywhere\" would open the FHIR API to every pod" }}
+{{- end }}
+{{- if and .Values.ingest.tls.clientCaSecretName (not .Values.ingest.tls.clientCaKey) }}
+{{- fail "ingest.tls.clientCaSecretName needs ingest.tls.clientCaKey (the key of the client CA bundle in it)" }}
+{{- end }}
+{{- if and .Values.ingest.tls.clientCaKey (not .Values.ingest.tls.secretName) }}
+{{- fail "ingest.tls.clientCaKey (mTLS) needs ingest.tls.secretName (the server certificate)" }}
 {{- end }}
 {{- if and .Values.model.enabled (eq .Values.model.store.source "existingClaim") (not .Values.model.store.existingClaim) }}
 {{- fail "model.store.source=existingClaim needs model.store.existingClaim" }}
