@@ -39,6 +39,9 @@ class Settings:
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""
+    # A second, plaintext gRPC listener that serves grpc.health.v1 only (e.g. 0.0.0.0:50052): the
+    # kubelet's gRPC probe dials plaintext, so it cannot probe a TLS device port. Empty = none.
+    grpc_health_listen: str = ""
     extra: dict = field(default_factory=dict)
 
     @property

@@ -172,7 +172,9 @@ def test_production_render(rendered):
     assert {p["backend"]["service"]["port"]["name"] for p in ing["spec"]["rules"][0]["http"]["paths"]} == {"grpc"}
     ingest = _by(docs, "Deployment", "ingest")[0]["spec"]["template"]["spec"]["containers"][0]
     assert {"VIGIL_GRPC_TLS_CERT", "VIGIL_GRPC_TLS_KEY", "VIGIL_GRPC_TLS_CLIENT_CA"} <= {e["name"] for e in ingest["env"]}
-    assert all("grpc" not in ingest[k] for k in PROBES), "gRPC probes cannot reach an mTLS server"
+    # the kubelet cannot reach an mTLS server over gRPC: its gRPC probes go to the plaintext health port
+    assert all(ingest[k].get("grpc", {"port": 50052})["port"] == 50052 for k in PROBES)
+    assert ingest["readinessProbe"]["grpc"] == {"port": 50052}
     np = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "vigil-ingest")
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in \
         np["spec"]["ingress"][0]["from"], "the ingress controller must be allowed to reach ingest"
@@ -472,7 +474,8 @@ def test_gateway_tls(tmp_path):
 ])
 def test_ingest_tls(tmp_path, extra, ca_source):
     """ingest.tls: tls.crt/tls.key (and the client CA for mTLS) mounted read-only and named by VIGIL_GRPC_TLS_*;
-    the kubelet's gRPC probe speaks plaintext, so every default probe becomes a TCP connect."""
+    the kubelet's gRPC probe speaks plaintext, so startup and readiness probe the plaintext health-only
+    listener (VIGIL_GRPC_HEALTH_LISTEN, port 50052) and liveness stays a TCP connect to the device port."""
     docs = _render(tmp_path, "--set", "ingest.tls.secretName=ing-tls", *extra)
     ingest, pod = _container(docs, "ingest"), _pod(docs, "ingest")
     env, files = _env_of(ingest), _tls_files(pod, ingest)
@@ -482,11 +485,23 @@ def test_ingest_tls(tmp_path, extra, ca_source):
         assert files[env["VIGIL_GRPC_TLS_CLIENT_CA"]] == ca_source
     else:
         assert "VIGIL_GRPC_TLS_CLIENT_CA" not in env
-    for kind in PROBES:
-        assert [h for h in HANDLERS if h in ingest[kind]] == ["tcpSocket"], (kind, ingest[kind])
-    assert _by(docs, "Service", "ingest")[0]["spec"]["ports"][0]["appProtocol"] == "https"
+    assert env["VIGIL_GRPC_HEALTH_LISTEN"] == "0.0.0.0:50052"
+    assert {"name": "grpc-health", "containerPort": 50052, "protocol": "TCP"} in ingest["ports"]
+    for kind in ("startupProbe", "readinessProbe"):
+        assert [h for h in HANDLERS if h in ingest[kind]] == ["grpc"] and ingest[kind]["grpc"] == {"port": 50052}
+    assert [h for h in HANDLERS if h in ingest["livenessProbe"]] == ["tcpSocket"]
+    service_ports = _by(docs, "Service", "ingest")[0]["spec"]["ports"]
+    assert [p["port"] for p in service_ports] == [50051]  # the health port is for the kubelet only
+    assert service_ports[0]["appProtocol"] == "https"
     test_env = _env_of(_by(docs, "Pod", "test")[0]["spec"]["containers"][0])
     assert test_env["VIGIL_TEST_INGEST_TLS"] == ("mtls" if ca_source else "tls")
+    if ca_source:  # with mTLS a gRPC probe of the user's may go to the health port (and only there)
+        probed = _container(_render(tmp_path / "probe", "--set", "ingest.tls.secretName=ing-tls", *extra,
+                                    "--set", "ingest.livenessProbe.grpc.port=50052"), "ingest")
+        assert probed["livenessProbe"] == {"grpc": {"port": 50052}}
+    plain = _container(_render(tmp_path / "off"), "ingest")  # without TLS: no health listener
+    assert "VIGIL_GRPC_HEALTH_LISTEN" not in _env_of(plain) and [p["name"] for p in plain["ports"]] == ["grpc"]
+    assert plain["readinessProbe"]["grpc"] == {"port": 50051}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -159,3 +159,51 @@ async def test_ingest_mtls_requires_a_client_certificate(pki, nats_url, keycloak
             assert (await c.register_device(device)).vendor == "vigil-device-demo"
     finally:
         await srv.stop(1)
+
+
+async def test_ingest_plaintext_health_listener_beside_an_mtls_device_port(pki):
+    """VIGIL_GRPC_HEALTH_LISTEN: the kubelet's gRPC probe (plaintext, no client certificate) reaches a
+    health-only listener while the device port requires mTLS. It answers from the device server's own
+    health, so it turns NOT_SERVING while NATS is down and SERVING again after; it serves nothing but
+    grpc.health.v1; it closes with the server."""
+    from vigil import devservers
+    from vigil.device.v1 import ingest_pb2, ingest_pb2_grpc
+
+    cert, key = pki.leaf("ingest-h", server=True)
+    nats_port = devservers.free_port()
+    nats_dir = pki.dir / f"nats-{uuid.uuid4().hex[:6]}"
+    nats = devservers.start_nats(store_dir=nats_dir, port=nats_port)
+    srv = await ingest_bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats.url,
+                                                grpc_tls_cert=cert, grpc_tls_key=key,
+                                                grpc_tls_client_ca=str(pki.ca_path),
+                                                grpc_health_listen="127.0.0.1:0"))
+    probe = f"127.0.0.1:{srv.health_port}"
+    try:
+        assert srv.health_port and srv.health_port != srv.port
+        assert await _health(probe, None) == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # the device port still requires mTLS
+            await _health(f"127.0.0.1:{srv.port}", None)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with grpc.aio.insecure_channel(probe) as ch:  # health only: no device API in plaintext
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ingest_pb2_grpc.IngestServiceStub(ch).UploadReadings(ingest_pb2.UploadReadingsRequest(),
+                                                                          timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        nats.kill()
+        for _ in range(100):
+            if await _health(probe, None) == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert await _health(probe, None) == health_pb2.HealthCheckResponse.NOT_SERVING
+        nats = devservers.start_nats(store_dir=nats_dir, port=nats_port)
+        for _ in range(150):
+            if await _health(probe, None) == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert await _health(probe, None) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await srv.stop(1)
+        nats.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # closed with the server
+        await _health(probe, None)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -8,15 +8,13 @@ which Kubernetes rejects. values.yaml has {} for every probe; "vigil.probes" pic
   - {enabled: false}: no probe.
 */}}
 
-{{/* Default probes of ingest: gRPC health for startup/readiness, TCP for liveness (see values.yaml). */}}
+{{/* Default probes of ingest: gRPC health for startup/readiness, TCP for liveness (see values.yaml).
+With ingest.tls the gRPC probes go to the plaintext health-only listener on 50052
+(VIGIL_GRPC_HEALTH_LISTEN): the kubelet's gRPC probe cannot dial TLS. */}}
 {{- define "vigil.probes.ingest" -}}
-{{- $tls := ne .Values.ingest.tls.secretName "" }}
+{{- $port := ternary 50052 50051 (ne .Values.ingest.tls.secretName "") }}
 startupProbe:
-  {{- if $tls }}
-  tcpSocket: {port: grpc}
-  {{- else }}
-  grpc: {port: 50051}
-  {{- end }}
+  grpc: {port: {{ $port }}}
   periodSeconds: 5
   failureThreshold: 24
 livenessProbe:
@@ -25,11 +23,7 @@ livenessProbe:
   timeoutSeconds: 3
   failureThreshold: 3
 readinessProbe:
-  {{- if $tls }}
-  tcpSocket: {port: grpc}
-  {{- else }}
-  grpc: {port: 50051}
-  {{- end }}
+  grpc: {port: {{ $port }}}
   periodSeconds: 5
   timeoutSeconds: 3
   failureThreshold: 3
@@ -76,8 +70,8 @@ readinessProbe:
 {{/*
 The probes of one container; call with (dict "root" $ "component" "ingest").
 With gateway TLS an httpGet probe that sets no scheme gets scheme HTTPS; with ingest TLS a gRPC probe
-must be grpc.mode TLS (Kubernetes >= 1.37, alpha) and mTLS allows no gRPC probe at all (the kubelet has no
-client certificate).
+goes to the plaintext health port 50052, or else must be grpc.mode TLS (Kubernetes >= 1.37, alpha), and
+with mTLS only the health port can be probed over gRPC (the kubelet has no client certificate).
 */}}
 {{- define "vigil.probes" -}}
 {{- $root := .root }}
@@ -113,11 +107,11 @@ client certificate).
 {{- if and $httpsOn (eq $handler "httpGet") (not (hasKey $probe.httpGet "scheme")) }}
 {{- $_ := set $probe.httpGet "scheme" "HTTPS" }}
 {{- end }}
-{{- if and $grpcTls (eq $handler "grpc") }}
+{{- if and $grpcTls (eq $handler "grpc") (ne (toString (dig "port" "" $probe.grpc)) "50052") }}
 {{- if $c.tls.clientCaKey }}
-{{- fail (printf "ingest.%s is a gRPC probe but ingest.tls.clientCaKey requires client certificates (mTLS), which the kubelet cannot present: use tcpSocket" $kind) }}
+{{- fail (printf "ingest.%s is a gRPC probe but ingest.tls.clientCaKey requires client certificates (mTLS), which the kubelet cannot present: probe the plaintext health port (grpc.port 50052) or use tcpSocket" $kind) }}
 {{- else if ne (toString (dig "mode" "" $probe.grpc)) "TLS" }}
-{{- fail (printf "ingest.%s is a gRPC probe but ingest.tls is on and the kubelet's gRPC probe dials plaintext: use tcpSocket, or grpc.mode: TLS (Kubernetes >= 1.37 with the feature gate GRPCContainerProbeTLS)" $kind) }}
+{{- fail (printf "ingest.%s is a gRPC probe but ingest.tls is on and the kubelet's gRPC probe dials plaintext: probe the health port (grpc.port 50052), use tcpSocket, or grpc.mode: TLS (Kubernetes >= 1.37 with the feature gate GRPCContainerProbeTLS)" $kind) }}
 {{- end }}
 {{- end }}
 {{ $kind }}:

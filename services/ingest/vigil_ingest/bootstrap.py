@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vigil import bus
 from vigil.settings import Settings
@@ -33,6 +33,8 @@ class IngestServer:
     health: object
     servicer: IngestServicer
     nc: object | None = None
+    health_server: grpc.aio.Server | None = None  # VIGIL_GRPC_HEALTH_LISTEN: plaintext, health only
+    health_port: int | None = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -52,6 +54,8 @@ class IngestServer:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.servicer.registry.stop()
         if self.nc is not None and not self.nc.is_closed:
             try:
@@ -59,6 +63,20 @@ class IngestServer:
             except Exception:  # noqa: BLE001 - closing anyway
                 with contextlib.suppress(Exception):
                     await self.nc.close()
+
+
+async def start_health_listener(listen: str, health_servicer, *, reuse_port: bool = False
+                                ) -> tuple[grpc.aio.Server, int]:
+    """A plaintext gRPC server on `listen` serving only grpc.health.v1, answering from the device
+    server's own HealthServicer (so it turns NOT_SERVING with it): what the kubelet's gRPC probe can
+    reach when the device port is TLS or mTLS. Health carries no data and needs no token."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind the gRPC health listen address {listen}")
+    await server.start()
+    return server, port
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -157,6 +175,15 @@ async def start(settings: Settings, *, publisher: Publisher | None = None,
     srv = IngestServer(server=server, port=port, health=health_servicer, servicer=servicer, nc=nc)
     holder["srv"] = srv
     await srv.set_serving(nc is None or nc.is_connected)
+    if settings.grpc_health_listen:
+        try:
+            srv.health_server, srv.health_port = await start_health_listener(
+                settings.grpc_health_listen, health_servicer, reuse_port=reuse_port)
+        except BaseException:
+            await srv.stop(0)
+            raise
+        log.info("vigil ingest health (plaintext, grpc.health.v1 only) on %s (port %d)",
+                 settings.grpc_health_listen, srv.health_port)
     log.info("vigil ingest listening on %s (port %d, %s, auth %s, %s mapper)", settings.grpc_listen, port,
              "mTLS" if settings.grpc_tls_client_ca else "TLS" if creds else "plaintext",
              "on" if settings.auth_enabled else "OFF", "native" if servicer.fast is not None else "Python")
