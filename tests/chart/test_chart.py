@@ -278,16 +278,21 @@ def test_worker_replicas_are_partitions(tmp_path):
     assert "vigil/worker-partition" not in single[0]["spec"]["selector"]["matchLabels"]
 
 
+def _assert_render_fails(tmp_path, args: list[str], message: str) -> None:
+    """helm template with `args` fails, naming `message` on stderr."""
+    if not shutil.which("helm", path=_env()["PATH"]):
+        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
+    bad = _helm_template(tmp_path, *args)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "worker.autoscaling.enabled=true", "--set", "worker.allowMultipleReplicas=true"], "re-partition"),
     (["--set", "worker.extraArgs={--partitions=3}"], "--partitions=3"),
 ])
 def test_worker_partition_count_cannot_drift(tmp_path, args, message):
     """The partition count comes from worker.replicaCount only: no HPA on the worker, no --partition(s) flags."""
-    if not shutil.which("helm", path=_env()["PATH"]):
-        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
-    bad = _helm_template(tmp_path, *args)
-    assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+    _assert_render_fails(tmp_path, args, message)
 
 
 def test_gateway_public_base_url(tmp_path):
@@ -513,10 +518,7 @@ def test_ingest_tls(tmp_path, extra, ca_source):
     (["--set", "gateway.tls.secretName=Not_A_Secret"], "/gateway/tls/secretName"),
 ])
 def test_tls_misconfigurations_fail_the_render(tmp_path, args, message):
-    if not shutil.which("helm", path=_env()["PATH"]):
-        pytest.skip("helm not installed (run scripts/chart-check.sh first)")
-    bad = _helm_template(tmp_path, *args)
-    assert bad.returncode != 0 and message in bad.stderr, bad.stderr or bad.stdout[:2000]
+    _assert_render_fails(tmp_path, args, message)
 
 
 def test_ingest_tls_grpc_probe_in_tls_mode(tmp_path):
