@@ -125,3 +125,33 @@ async def test_durable_resumes_and_full_replay_is_harmless(js, store):
         assert store.read("Observation", f"{patient}-b")["meta"]["versionId"] == "1"
     finally:
         await replay.stop()
+
+
+async def test_backlog_is_stored_in_order_across_a_stop_with_a_batch_fetched_ahead(js, store):
+    """With a backlog the consumer fetches (and prepares) the next batch while one is stored. Every
+    message still updates the store in stream order, and a stop with a batch fetched ahead hands
+    that batch back (nak): after a restart on the same durable every message is stored, once, in order."""
+    patient = "p-" + uuid.uuid4().hex[:8]
+    name = "test-gw-" + uuid.uuid4().hex[:8]
+    n = 1000
+    await bus.ensure_streams(js)
+    for i in range(n):  # each message a new version of one Observation (value i), plus one of its own
+        await publish(js, bus.observation_subject(patient),
+                      [observation(f"{patient}-shared", patient, float(i)), observation(f"{patient}-o{i}", patient)])
+    consumer = BusConsumer(js, store, name, batch=5, fetch_timeout=0.2)
+    await consumer.start()
+    await wait_for(lambda: consumer.stats.messages_acked >= 10)
+    await consumer.stop()
+    stopped_at = consumer.stats.messages_acked
+    assert stopped_at < n, "the backlog was gone before the stop: make it larger"
+    consumer = BusConsumer(js, store, name, batch=5, fetch_timeout=0.2)
+    await consumer.start()
+    try:
+        await wait_for(lambda: store.read("Observation", f"{patient}-o{n - 1}") is not None, timeout=60)
+    finally:
+        await consumer.stop()
+    assert store.search("Observation", subject=f"Patient/{patient}", count=0)[0] == n + 1
+    total, versions = store.history("Observation", f"{patient}-shared", count=n, offset=0)
+    values = [v["valueQuantity"]["value"] for _, v in sorted(versions, key=lambda e: int(e[1]["meta"]["versionId"]))]
+    assert values == [float(i) for i in range(n)]  # every message applied once, in stream order
+    assert total == n

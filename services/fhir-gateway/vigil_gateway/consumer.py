@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass, field
 
 from vigil import bus, telemetry, tracing
-from vigil_gateway.store import InvalidResource, Store, check_resource
+from vigil_gateway.store import InvalidResource, Prepared, Store, prepare_resources
 
 log = logging.getLogger("vigil.gateway.consumer")
 
@@ -126,91 +126,119 @@ class BusConsumer:
         self._tasks, self._subs = [], []
 
     async def _loop(self, stream: str, sub) -> None:
+        """While catching up a backlog, fetch, decode and prepare the next batch while the current one
+        is stored (one batch ahead, in stream order: a batch is stored only after the one before it
+        is settled)."""
+        ahead: asyncio.Task | None = None
+        try:
+            while not self._stopping.is_set():
+                got = await (ahead if ahead is not None else self._next_batch(stream, sub))
+                ahead = None
+                if got is None:
+                    continue
+                msgs, decoded = got
+                if not self._stopping.is_set() and _backlog(msgs, self.batch):
+                    ahead = asyncio.create_task(self._next_batch(stream, sub))
+                try:
+                    # shielded: a cancellation must not interrupt between commit and ack
+                    await asyncio.shield(self.handle_batch(stream, msgs, decoded))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. connection lost while acking
+                    # unacked messages are redelivered after ack_wait: harmless (idempotent upsert)
+                    self.stats.last_error = f"batch {stream}: {exc!r}"
+                    log.warning("batch from %s not fully settled: %r", stream, exc)
+                    await asyncio.sleep(self.retry_delay)
+        finally:
+            if ahead is not None:  # stopping: a batch fetched ahead goes back to the server now
+                got = None
+                with contextlib.suppress(BaseException):
+                    got = await ahead
+                for msg in (got[0] if got else ()):
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    self.stats.messages_nakked += 1
+
+    async def _next_batch(self, stream: str, sub):
+        """(messages, their decoded resources) of the next fetch, or None (nothing came, or it failed)."""
         import nats.errors
 
-        while not self._stopping.is_set():
-            try:
-                msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout)
-            except (TimeoutError, nats.errors.TimeoutError):
-                self._lag[stream] = 0
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - connection trouble: nats-py reconnects; retry
-                if self._stopping.is_set():
-                    break
+        try:
+            msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            self._lag[stream] = 0
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - connection trouble: nats-py reconnects; retry
+            if not self._stopping.is_set():
                 self.stats.last_error = f"fetch {stream}: {exc!r}"
                 log.warning("fetch from %s failed: %r", stream, exc)
                 await asyncio.sleep(self.retry_delay)
-                continue
-            if not msgs:
-                self._lag[stream] = 0
-                continue
-            with contextlib.suppress(Exception):
-                self._lag[stream] = msgs[-1].metadata.num_pending
-            self._m_batch.record(len(msgs), {"stream": stream})
-            try:
-                # shielded: a cancellation must not interrupt between commit and ack
-                await asyncio.shield(self.handle_batch(stream, msgs))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - e.g. connection lost while acking
-                # unacked messages are redelivered after ack_wait: harmless (idempotent upsert)
-                self.stats.last_error = f"batch {stream}: {exc!r}"
-                log.warning("batch from %s not fully settled: %r", stream, exc)
-                await asyncio.sleep(self.retry_delay)
+            return None
+        if not msgs:
+            self._lag[stream] = 0
+            return None
+        with contextlib.suppress(Exception):
+            self._lag[stream] = msgs[-1].metadata.num_pending
+        self._m_batch.record(len(msgs), {"stream": stream})
+        return msgs, await asyncio.to_thread(_decode_all, msgs)
 
-    async def handle_batch(self, stream: str, msgs: list) -> None:
+    async def handle_batch(self, stream: str, msgs: list, decoded: list | None = None) -> None:
         """Decode, store in one transaction, then ack (or term malformed / nak on store outage).
+        `decoded`: _decode_all(msgs), when done already (the fetch loop decodes one batch ahead).
 
         Traced as one CONSUMER span per fetch (parent = the first message's trace context, links to
         every message) with a `store upsert` child span per transaction."""
         with tracing.process_span(stream, [getattr(m, "headers", None) for m in msgs]):
-            await self._handle_batch(stream, msgs)
+            await self._handle_batch(stream, msgs, decoded)
 
-    async def _upsert_traced(self, stream: str, resources: list[dict]):
+    async def _upsert_traced(self, stream: str, resources: list[dict], prepared: list[Prepared] | None = None):
         t0 = telemetry.now()
         with tracing.tracer().start_as_current_span("store upsert", attributes={
                 "db.system": str(getattr(self.store, "dialect", "")), "db.operation.name": "upsert_many",
                 "vigil.resources": len(resources), "messaging.destination.name": stream}):
-            counts = await asyncio.to_thread(self._upsert, stream, resources)
+            counts = await asyncio.to_thread(self._upsert, stream, resources, prepared)
         self._m_upsert.record(telemetry.now() - t0, {"stream": stream})
         return counts
 
-    async def _handle_batch(self, stream: str, msgs: list) -> None:
-        good: list[tuple[object, list[dict]]] = []
-        for msg, resources, exc in await asyncio.to_thread(_decode_all, msgs):
+    async def _handle_batch(self, stream: str, msgs: list, decoded: list | None = None) -> None:
+        good: list[tuple[object, list[dict], list[Prepared]]] = []
+        if decoded is None:
+            decoded = await asyncio.to_thread(_decode_all, msgs)
+        for msg, resources, prepared, exc in decoded:
             if exc is not None:  # malformed: never storable, do not redeliver
                 log.error("terminating malformed message %s seq=%s on %s: %s", msg.subject,
                           _seq(msg), stream, exc)
                 self.stats.messages_terminated += 1
                 await msg.term()
                 continue
-            good.append((msg, resources))
+            good.append((msg, resources, prepared))
         parts = list(_transactions(good, self.max_tx_resources))
         for i, part in enumerate(parts):
             if self._stopping.is_set():
                 # stopping: the rest goes back to the server now (redelivered to the next consumer)
-                for msg, _ in (m for rest in parts[i:] for m in rest):
+                for msg, *_ in (m for rest in parts[i:] for m in rest):
                     with contextlib.suppress(Exception):
                         await msg.nak()
                     self.stats.messages_nakked += 1
                 return
             await self._store_and_ack(stream, part)
 
-    async def _store_and_ack(self, stream: str, good: list[tuple[object, list[dict]]]) -> None:
+    async def _store_and_ack(self, stream: str, good: list[tuple[object, list[dict], list[Prepared]]]) -> None:
         """One transaction for these messages, then their acks (or one by one if it fails)."""
         try:
-            counts = await self._upsert_traced(stream, [r for _, rs in good for r in rs])
+            counts = await self._upsert_traced(stream, [r for _, rs, _ in good for r in rs],
+                                               [p for _, _, ps in good for p in ps])
         except Exception as exc:  # noqa: BLE001
             self.stats.last_error = f"store {stream}: {exc!r}"
             if len(good) == 1:
-                await self._settle_failure(stream, *good[0], exc)
+                await self._settle_failure(stream, *good[0][:2], exc)
                 return
             log.warning("batch of %d from %s failed (%r); retrying message by message", len(good), stream, exc)
-            for msg, resources in good:
+            for msg, resources, prepared in good:
                 try:
-                    counts = await self._upsert_traced(stream, resources)
+                    counts = await self._upsert_traced(stream, resources, prepared)
                 except Exception as exc_one:  # noqa: BLE001
                     await self._settle_failure(stream, msg, resources, exc_one)
                     continue
@@ -219,12 +247,12 @@ class BusConsumer:
                 self.stats.messages_acked += 1
             return
         self._count(counts, stream)
-        for msg, _ in good:
+        for msg, *_ in good:
             await msg.ack()
         self.stats.messages_acked += len(good)
 
-    def _upsert(self, stream: str, resources: list[dict]):
-        return self.store.upsert_many(resources, stale_guard=stream == bus.EHR_STREAM, bulk=True)
+    def _upsert(self, stream: str, resources: list[dict], prepared: list[Prepared] | None = None):
+        return self.store.upsert_many(resources, stale_guard=stream == bus.EHR_STREAM, bulk=True, prepared=prepared)
 
     async def _settle_failure(self, stream: str, msg, resources: list[dict], exc: BaseException) -> None:
         if is_permanent(exc):
@@ -249,33 +277,46 @@ class BusConsumer:
         self.stats.resources_unchanged += counts.unchanged
 
 
-def _decode_all(msgs: list) -> list[tuple[object, list[dict] | None, Exception | None]]:
-    """(msg, resources, None) or (msg, None, why it is malformed), for every message, in order."""
+def _decode_all(msgs: list) -> list[tuple[object, list[dict] | None, list[Prepared] | None, Exception | None]]:
+    """(msg, resources, their store.Prepared, None) or (msg, None, None, why it is malformed), for every
+    message, in order. Runs in a worker thread, one batch ahead of the store (see BusConsumer._loop)."""
     out = []
     for msg in msgs:
         try:
             resources = bus.decode_bundle(msg.data)
-            for r in resources:
-                check_resource(r)
+            prepared = prepare_resources(resources)  # check_resource of each, its hash and index rows
         except Exception as exc:  # noqa: BLE001
-            out.append((msg, None, exc))
+            out.append((msg, None, None, exc))
             continue
-        out.append((msg, resources, None))
+        out.append((msg, resources, prepared, None))
     return out
 
 
-def _transactions(good: list[tuple[object, list[dict]]], limit: int):
-    """Consecutive runs of whole messages with at most `limit` resources (a bigger message alone)."""
+def _transactions(good: list[tuple], limit: int):
+    """Consecutive runs of whole messages ((msg, resources, ...) tuples) with at most `limit` resources
+    (a bigger message alone)."""
     part: list = []
     size = 0
-    for msg, resources in good:
-        if part and size + len(resources) > limit:
+    for item in good:
+        if part and size + len(item[1]) > limit:
             yield part
             part, size = [], 0
-        part.append((msg, resources))
-        size += len(resources)
+        part.append(item)
+        size += len(item[1])
     if part:
         yield part
+
+
+def _backlog(msgs: list, batch: int) -> bool:
+    """More is waiting behind this fetch (a full batch, or num_pending > 0): fetch the next one now,
+    while this one is stored. Otherwise the next fetch waits until this batch is settled, and then
+    takes everything that arrived meanwhile in one go (fewer, bigger transactions)."""
+    if len(msgs) >= batch:
+        return True
+    try:
+        return msgs[-1].metadata.num_pending > 0
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _seq(msg) -> object:

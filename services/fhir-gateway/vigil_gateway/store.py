@@ -179,7 +179,8 @@ class Store(Protocol):
     dialect: str
 
     def migrate(self) -> int: ...
-    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False, bulk: bool = False) -> UpsertCounts: ...
+    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False, bulk: bool = False,
+                    prepared: list[Prepared] | None = None) -> UpsertCounts: ...
     def write(self, resource: dict, *, create: bool, if_match: int | None = None,
               if_none_exist: SearchQuery | None = None, outbox: bool = True) -> WriteResult: ...
     def read(self, resource_type: str, resource_id: str) -> dict | None: ...
@@ -289,19 +290,43 @@ def _stamp(resource: dict, rtype: str, rid: str, version: int, last_updated: str
     return body
 
 
+@dataclass(slots=True)
+class Prepared:
+    """What the write path derives from a resource alone, before any transaction: its key, its
+    content_hash and its index rows. index_rows reads no `meta`, so the rows of the resource are those
+    of the body the store stamps (meta.versionId/lastUpdated). The bus consumer computes these while
+    the previous transaction runs (prepare_resources in its decode thread), not inside the next one."""
+    key: tuple[str, str]
+    digest: str
+    index: IndexRows
+
+
+def prepare_resources(resources: list[dict]) -> list[Prepared]:
+    """Prepared of every resource, in order (InvalidResource for the first one not storable)."""
+    return [Prepared(check_resource(r), content_hash(r), index_rows(r)) for r in resources]
+
+
 def plan_upsert(resources: list[dict], existing: dict[tuple[str, str], tuple[int, str]], last_updated: str,
-                *, stale_guard: bool = False) -> tuple[UpsertCounts, list[PreparedRow], list[PreparedRow]]:
+                *, stale_guard: bool = False, prepared: list[Prepared] | None = None,
+                ) -> tuple[UpsertCounts, list[PreparedRow], list[PreparedRow]]:
     """Apply the versioning rules to a batch, in order. Returns counts, the final row per key and every
     new version (for history). `stale_guard`: a Patient/Encounter carrying meta.versionId not above
-    the stored version is an echo of an older write (our own bus publication) and is `unchanged`."""
+    the stored version is an echo of an older write (our own bus publication) and is `unchanged`.
+    `prepared`: prepare_resources(resources), computed earlier (else computed here)."""
     new = updated = unchanged = 0
     state = dict(existing)
     rows: dict[tuple[str, str], PreparedRow] = {}
     versions: list[PreparedRow] = []
-    for resource in resources:
-        rtype, rid = check_resource(resource)
-        key = (rtype, rid)
-        digest = content_hash(resource)
+    if prepared is not None and len(prepared) != len(resources):
+        raise ValueError("prepared must hold one entry per resource")
+    for i, resource in enumerate(resources):
+        if prepared is None:
+            key = check_resource(resource)
+            digest = content_hash(resource)
+            index = None
+        else:
+            key, digest, index = prepared[i].key, prepared[i].digest, prepared[i].index
+        rtype, rid = key
         prior = state.get(key)
         if prior is not None and prior[1] == digest:
             unchanged += 1
@@ -318,7 +343,8 @@ def plan_upsert(resources: list[dict], existing: dict[tuple[str, str], tuple[int
             updated += 1
         body = _stamp(resource, rtype, rid, version, last_updated)
         is_new = key not in existing
-        row = PreparedRow(rtype, rid, version, last_updated, digest, body, index_rows(body), is_new)
+        row = PreparedRow(rtype, rid, version, last_updated, digest, body,
+                          index_rows(body) if index is None else index, is_new)
         rows[key] = row
         versions.append(row)
         state[key] = (version, digest)
@@ -699,16 +725,24 @@ class SqlStore:
         self._append(tx, "idx_date", ("resource_type", "resource_id", "param", "low", "high"), dates)
         self._append(tx, "idx_string", ("resource_type", "resource_id", "param", "norm", "exact"), strs)
 
-    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False, bulk: bool = False) -> UpsertCounts:
+    def upsert_many(self, resources: list[dict], *, stale_guard: bool = False, bulk: bool = False,
+                    prepared: list[Prepared] | None = None) -> UpsertCounts:
         """Store a batch in one transaction (versioning rules above). bulk=True: a bus batch, which
-        yields to any other writer waiting (see WriteGate)."""
+        yields to any other writer waiting (see WriteGate). `prepared`: prepare_resources(resources),
+        when the caller computed it already (the bus consumer: off the write connection's time)."""
         if not resources:
             return UpsertCounts()
-        keys = list(dict.fromkeys(check_resource(r) for r in resources))  # all valid before the transaction
+        if prepared is None:
+            keys = list(dict.fromkeys(check_resource(r) for r in resources))  # all valid before the transaction
+        elif len(prepared) != len(resources):
+            raise ValueError("prepared must hold one entry per resource")
+        else:
+            keys = list(dict.fromkeys(p.key for p in prepared))
         with self._write_tx(bulk=bulk) as tx:
             existing = self._existing(tx, keys, lock=False)
             now = now_instant()
-            counts, rows, versions = plan_upsert(resources, existing, now, stale_guard=stale_guard)
+            counts, rows, versions = plan_upsert(resources, existing, now, stale_guard=stale_guard,
+                                                 prepared=prepared)
             changing = [(r.resource_type, r.id) for r in rows if not r.is_new]
             if changing:
                 # lock the rows about to get a new version (PostgreSQL: FOR UPDATE) so versions never
@@ -716,7 +750,8 @@ class SqlStore:
                 locked = self._existing(tx, changing, lock=True)
                 if any(locked.get(k) != existing.get(k) for k in changing):  # changed meanwhile: plan again
                     existing.update(locked)
-                    counts, rows, versions = plan_upsert(resources, existing, now, stale_guard=stale_guard)
+                    counts, rows, versions = plan_upsert(resources, existing, now, stale_guard=stale_guard,
+                                                         prepared=prepared)
             self._apply(tx, rows, versions)
             return counts
 
