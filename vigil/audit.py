@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import uuid
+
+from vigil.ids import time_ordered_id
 
 AUDIT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 RESTFUL = "http://hl7.org/fhir/restful-interaction"
@@ -57,7 +58,7 @@ def build_audit_event(
                          "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"}})
     event = {
         "resourceType": "AuditEvent",
-        "id": str(uuid.uuid4()),
+        "id": time_ordered_id(int(now.timestamp() * 1000)),  # appended in time order
         "type": {"system": AUDIT_TYPE, "code": "rest", "display": "RESTful Operation"},
         "subtype": [{"system": RESTFUL, "code": interaction}],
         "action": ACTION.get(interaction, "E"),

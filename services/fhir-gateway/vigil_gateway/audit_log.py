@@ -109,7 +109,8 @@ class AuditLog:
         with self.store._write_tx() as tx:
             # the store's plain-append primitive: COPY on PostgreSQL (one round trip, no per-row statement
             # for the server to run: a search's audit row cost the server about as much as a tenth of
-            # the search), executemany on SQLite; event ids are fresh UUIDs, so there is never a conflict
+            # the search), executemany on SQLite; event ids are fresh time-ordered UUIDs
+            # (ids.time_ordered_id), so there is never a conflict and the primary key grows at its end
             self.store._append(tx, "vigil_audit_event", _COLUMNS, rows)
 
     async def flush(self) -> int:
