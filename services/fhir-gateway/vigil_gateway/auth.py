@@ -57,15 +57,15 @@ async def authenticate(request: Request, validator: TokenValidator) -> dict:
     return claims
 
 
-def require_scope(claims: dict | None, resource_type: str, interaction: str) -> None:
-    """FhirError 403 unless some scope of `claims` covers `interaction` on `resource_type`, whatever the
-    target: the check that needs no request body, so a token without e.g. a write scope gets its 403
-    before its body is read (a malformed body would otherwise earn it a 400 that judges the body)."""
-    if claims is None:
-        return
+def require_scope(claims: dict, resource_type: str, interaction: str) -> smart.Decision:
+    """The allowing decision, or FhirError 403 unless some scope of `claims` covers `interaction` on
+    `resource_type`, whatever the target: the check that needs no request body, so a token without e.g.
+    a write scope gets its 403 before its body is read (a malformed body would otherwise earn it a 400
+    that judges the body). authorize() starts with it."""
     decision = smart.decide(scopes_of(claims), resource_type, interaction, patient_claim(claims))
     if not decision.allowed:
         raise forbidden(decision.reason)
+    return decision
 
 
 def patient_claim(claims: dict) -> str | None:
@@ -127,9 +127,7 @@ async def authorize(request: Request, claims: dict | None, resource_type: str | 
         return
     if resource_type is None:
         raise forbidden("system-level interactions are not available")
-    decision = smart.decide(scopes_of(claims), resource_type, interaction, patient_claim(claims))
-    if not decision.allowed:
-        raise forbidden(decision.reason)
+    decision = require_scope(claims, resource_type, interaction)
     request.state.confine = decision.patient
     if decision.patient is None:
         return
