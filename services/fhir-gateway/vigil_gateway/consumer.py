@@ -136,8 +136,11 @@ class BusConsumer:
                 ahead = None
                 if got is None:
                     continue
-                msgs, decoded = got
-                if not self._stopping.is_set() and _backlog(msgs, self.batch):
+                msgs, decoded, pending = got
+                # more is waiting behind this fetch (a full batch, or messages pending): fetch the next
+                # one now, while this one is stored; otherwise the next fetch waits until this batch is
+                # settled and then takes everything that arrived meanwhile (fewer, bigger transactions)
+                if not self._stopping.is_set() and (len(msgs) >= self.batch or pending):
                     ahead = asyncio.create_task(self._next_batch(stream, sub))
                 try:
                     # shielded: a cancellation must not interrupt between commit and ack
@@ -160,7 +163,8 @@ class BusConsumer:
                     self.stats.messages_nakked += 1
 
     async def _next_batch(self, stream: str, sub):
-        """(messages, their decoded resources) of the next fetch, or None (nothing came, or it failed)."""
+        """(messages, their decoded resources, whether more is pending on the server) of the next fetch,
+        or None (nothing came, or it failed)."""
         import nats.errors
 
         try:
@@ -179,10 +183,12 @@ class BusConsumer:
         if not msgs:
             self._lag[stream] = 0
             return None
+        pending = False
         with contextlib.suppress(Exception):
             self._lag[stream] = msgs[-1].metadata.num_pending
+            pending = self._lag[stream] > 0
         self._m_batch.record(len(msgs), {"stream": stream})
-        return msgs, await asyncio.to_thread(_decode_all, msgs)
+        return msgs, await asyncio.to_thread(_decode_all, msgs), pending
 
     async def handle_batch(self, stream: str, msgs: list, decoded: list | None = None) -> None:
         """Decode, store in one transaction, then ack (or term malformed / nak on store outage).
@@ -305,18 +311,6 @@ def _transactions(good: list[tuple], limit: int):
         size += len(item[1])
     if part:
         yield part
-
-
-def _backlog(msgs: list, batch: int) -> bool:
-    """More is waiting behind this fetch (a full batch, or num_pending > 0): fetch the next one now,
-    while this one is stored. Otherwise the next fetch waits until this batch is settled, and then
-    takes everything that arrived meanwhile in one go (fewer, bigger transactions)."""
-    if len(msgs) >= batch:
-        return True
-    try:
-        return msgs[-1].metadata.num_pending > 0
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _seq(msg) -> object:

@@ -51,7 +51,6 @@ class SqliteStore(SqlStore):
         # read_async/vread_async: a third connection, used only by one event loop's thread
         self._loop_conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._memory = memory
 
     @classmethod
     def from_url(cls, database_url: str) -> SqliteStore:
@@ -155,7 +154,7 @@ class SqliteStore(SqlStore):
         uses (no lock to wait for). WAL readers do not wait for the writer; if SQLite still answers busy
         (e.g. WAL recovery after a crash), the loop does not wait either: the lookup goes to a thread as
         read()/vread() do. An in-memory database has one connection: always the thread."""
-        conn = None if self._memory else self._loop_reader()
+        conn = None if self._read is self._write else self._loop_reader()
         if conn is not None:
             try:
                 row = conn.execute(sql, args).fetchone()
