@@ -287,3 +287,47 @@ which uid 10001 could not read. */}}
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+
+{{/* An Ingress to one component's Service: (dict "root" $ "component" "gateway"|"ingest" "port" <Service port
+name> "paths" (list ...) "who" <who dials the host>). Host, className, annotations and tls.secretName come
+from <component>.ingress; the render fails without a host. Every path is a Prefix to that port. */}}
+{{- define "vigil.ingress" -}}
+{{- $root := .root }}
+{{- $i := (index $root.Values .component).ingress }}
+{{- if not $i.host }}
+{{- fail (printf "%s.ingress.enabled needs %s.ingress.host (the host name %s)" .component .component .who) }}
+{{- end }}
+{{- $fullname := include (printf "vigil.%s.fullname" .component) $root }}
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: {{ $fullname }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "vigil.componentLabels" (dict "root" $root "component" .component) | nindent 4 }}
+  {{- with $i.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with $i.className }}
+  ingressClassName: {{ . }}
+  {{- end }}
+  {{- if $i.tls.secretName }}
+  tls:
+    - hosts: [{{ $i.host | quote }}]
+      secretName: {{ $i.tls.secretName }}
+  {{- end }}
+  rules:
+    - host: {{ $i.host | quote }}
+      http:
+        paths:
+          {{- range $path := .paths }}
+          - path: {{ $path }}
+            pathType: Prefix
+            backend:
+              service:
+                name: {{ $fullname }}
+                port: {name: {{ $.port }}}
+          {{- end }}
+{{- end }}
