@@ -112,7 +112,7 @@ def test_default_deny_network_policy(rendered, case):
 
 def test_probes_on_real_endpoints(rendered):
     docs = rendered["default"]
-    ingest = _by(docs, "Deployment", "ingest")[0]["spec"]["template"]["spec"]["containers"][0]
+    ingest = _container(docs, "ingest")
     assert ingest["startupProbe"]["grpc"]["port"] == 50051 and ingest["readinessProbe"]["grpc"]["port"] == 50051
     # ingest's grpc.health.v1 status is NOT_SERVING while NATS is down: liveness must not follow it (a NATS
     # outage would restart every ingest pod into a crash loop); it checks the gRPC port only.
@@ -170,7 +170,7 @@ def test_production_render(rendered):
     assert ing["spec"]["tls"] == [{"hosts": ["devices.vigil.example"], "secretName": "devices-vigil-example-tls"}]
     assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
     assert {p["backend"]["service"]["port"]["name"] for p in ing["spec"]["rules"][0]["http"]["paths"]} == {"grpc"}
-    ingest = _by(docs, "Deployment", "ingest")[0]["spec"]["template"]["spec"]["containers"][0]
+    ingest = _container(docs, "ingest")
     assert {"VIGIL_GRPC_TLS_CERT", "VIGIL_GRPC_TLS_KEY", "VIGIL_GRPC_TLS_CLIENT_CA"} <= {e["name"] for e in ingest["env"]}
     # the kubelet cannot reach an mTLS server over gRPC: its gRPC probes go to the plaintext health port
     assert all(ingest[k].get("grpc", {"port": 50052})["port"] == 50052 for k in PROBES)
