@@ -86,9 +86,6 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     started = now_instant()
     smart_config: dict = {}
     search_async = getattr(store, "search_query_async", None)
-    # reads by id on the event loop (PostgreSQL: one statement on an async connection; SQLite: inline)
-    read_async = getattr(store, "read_async", None)
-    vread_async = getattr(store, "vread_async", None)
 
     async def identify(request: Request, resource_type: str | None, interaction: str, *,
                        scope: str | None = None) -> dict | None:
@@ -352,10 +349,8 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         If-Modified-Since -> 304: https://hl7.org/fhir/R4/http.html#cread); HEAD as GET without the body."""
         await guard(request, resource_type, "read", _patient_of_id(resource_type, resource_id))
         _check_id(resource_type, resource_id)
-        if read_async is not None:
-            resource = await read_async(resource_type, resource_id)
-        else:
-            resource = await run_in_threadpool(store.read, resource_type, resource_id)
+        # on the event loop (PostgreSQL: one statement on an async connection; SQLite: inline)
+        resource = await store.read_async(resource_type, resource_id)
         if resource is None:
             raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
         request.state.audit["patient"] = smart.patient_of(resource)
@@ -370,10 +365,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         _check_id(resource_type, resource_id)
         if not version_id.isdigit():
             raise FhirError(404, "not-found", f"{version_id!r} is not a version of {resource_type}/{resource_id}")
-        if vread_async is not None:
-            resource = await vread_async(resource_type, resource_id, int(version_id))
-        else:
-            resource = await run_in_threadpool(store.vread, resource_type, resource_id, int(version_id))
+        resource = await store.vread_async(resource_type, resource_id, int(version_id))
         if resource is None:
             raise FhirError(404, "not-found", f"{resource_type}/{resource_id}/_history/{version_id} is not known")
         request.state.audit["patient"] = smart.patient_of(resource)
