@@ -47,6 +47,13 @@ async def test_run_serves_consumed_resources_and_shuts_down(nats_url, tmp_path):
             assert bundle["entry"][0]["resource"]["prediction"][0]["probabilityDecimal"] == 0.42
             r = await http.get(f"/fhir/RiskAssessment/{patient}-ra")
             assert r.status_code == 200 and r.headers["etag"] == 'W/"1"'
+            # HEAD through the real HTTP server: the GET's headers (its Content-Length), no body
+            for path in ("/fhir/metadata", f"/fhir/RiskAssessment/{patient}-ra"):
+                full, head = await http.get(path), await http.head(path)
+                assert head.status_code == 200 and head.content == b"", path
+                assert head.headers["content-length"] == str(len(full.content)), path
+            head = await http.head("/fhir/RiskAssessment", params={"subject": f"Patient/{patient}"})
+            assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
     finally:
         await nc.drain()
         task.cancel()

@@ -131,6 +131,27 @@ async def test_head_is_read_without_the_body(client):
     assert (await client.head("/fhir/Observation/hr-3", headers={"If-None-Match": 'W/"1"'})).status_code == 304
 
 
+async def test_head_on_every_get_interaction(client):
+    """search, history and capabilities answer HEAD too: the GET's status and headers, no body."""
+    for path in ("/fhir/metadata", "/fhir/Observation?subject=Patient/p1", "/fhir/Observation/hr-3/_history",
+                 "/fhir/Observation/_history"):
+        full = await client.get(path)
+        r = await client.head(path)
+        assert r.status_code == full.status_code == 200, path
+        assert r.content == b"" and r.headers["content-type"] == full.headers["content-type"], path
+        assert int(r.headers["content-length"]) > 0, path
+    meta = await client.get("/fhir/metadata")  # the same statement each time: the same length
+    assert (await client.head("/fhir/metadata")).headers["content-length"] == str(len(meta.content))
+    # errors as the GET's (OperationOutcome's status), without the body
+    for path, status in (("/fhir/Nope?x=1", 404), ("/fhir/Observation?bogus-param=1", 400)):
+        full = await client.get(path, headers={"Prefer": "handling=strict"})
+        r = await client.head(path, headers={"Prefer": "handling=strict"})
+        assert full.status_code == r.status_code == status and r.content == b"", path
+    # HEAD is not a write: a write-only path answers as the GET would (405)
+    assert (await client.head("/fhir/Observation/_search")).status_code == \
+        (await client.get("/fhir/Observation/_search")).status_code
+
+
 async def test_read_with_etag_and_last_modified(client):
     r = await client.get("/fhir/Observation/hr-3")
     assert r.status_code == 200 and r.headers["content-type"] == "application/fhir+json"

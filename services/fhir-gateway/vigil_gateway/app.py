@@ -82,6 +82,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
     audit = app.state.audit = AuditLog(store)
     app.router.on_shutdown.append(audit.close)
     app.add_middleware(AuditMiddleware, audit=audit, issuer=settings.oidc_issuer or None)
+    app.add_middleware(HeadMiddleware)
     _install_error_handlers(app)
     started = now_instant()
     smart_config: dict = {}
@@ -336,17 +337,14 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
         headers = {"ETag": etag, **(extra or {})}
         if meta.get("lastUpdated"):
             headers["Last-Modified"] = http_date(meta["lastUpdated"])
-        if status == 200 and request.method in ("GET", "HEAD") and _not_modified(request, etag, meta):
+        if status == 200 and request.method == "GET" and _not_modified(request, etag, meta):
             return Response(status_code=304, headers=headers)
-        response = reply(request, resource, status, headers)
-        if request.method == "HEAD":  # the GET's headers (Content-Length included), no body
-            return Response(status_code=response.status_code, headers=dict(response.headers))
-        return response
+        return reply(request, resource, status, headers)
 
-    @app.api_route(f"{base}/{{resource_type}}/{{resource_id}}", methods=["GET", "HEAD"])
+    @app.get(f"{base}/{{resource_type}}/{{resource_id}}")
     async def read(resource_type: str, resource_id: str, request: Request) -> Response:
         """read: https://hl7.org/fhir/R4/http.html#read (ETag, Last-Modified; If-None-Match or
-        If-Modified-Since -> 304: https://hl7.org/fhir/R4/http.html#cread); HEAD as GET without the body."""
+        If-Modified-Since -> 304: https://hl7.org/fhir/R4/http.html#cread)."""
         await guard(request, resource_type, "read", _patient_of_id(resource_type, resource_id))
         _check_id(resource_type, resource_id)
         # on the event loop (PostgreSQL: one statement on an async connection; SQLite: inline)
@@ -358,7 +356,7 @@ def create_app(settings: Settings, store: Store, validator: TokenValidator | Non
                         _patient_of_resource(resource), resource=resource)
         return versioned(request, resource)
 
-    @app.api_route(f"{base}/{{resource_type}}/{{resource_id}}/_history/{{version_id}}", methods=["GET", "HEAD"])
+    @app.get(f"{base}/{{resource_type}}/{{resource_id}}/_history/{{version_id}}")
     async def vread(resource_type: str, resource_id: str, version_id: str, request: Request) -> Response:
         """vread: https://hl7.org/fhir/R4/http.html#vread"""
         await guard(request, resource_type, "vread", _patient_of_id(resource_type, resource_id))
@@ -630,6 +628,30 @@ def smart_configuration_document(issuer: str, oidc: dict) -> dict:
         if oidc.get(key):
             doc[key] = oidc[key]
     return {k: v for k, v in doc.items() if v is not None}
+
+
+class HeadMiddleware:
+    """HEAD on every GET interaction (read, vread, search, history, capabilities: R4 http.html says
+    servers should support it, https://hl7.org/fhir/R4/http.html#general): the app answers the GET;
+    the client gets its status and headers, Content-Length and ETag included, and no body. Outermost,
+    so the audit trail records the interaction the GET is (the HTTP method is not part of an
+    AuditEvent's interaction)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # the rest of the body follows; only its end is passed on, empty
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 class AuditMiddleware:
