@@ -42,6 +42,8 @@ class Settings:
     # A second, plaintext gRPC listener that serves grpc.health.v1 only (e.g. 0.0.0.0:50052): the
     # kubelet's gRPC probe dials plaintext, so it cannot probe a TLS device port. Empty = none.
     grpc_health_listen: str = ""
+    # How often the TLS files above are looked at for a renewal (seconds; 0 = read at start only).
+    tls_reload_seconds: int = 30
     extra: dict = field(default_factory=dict)
 
     @property

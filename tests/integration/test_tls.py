@@ -207,3 +207,97 @@ async def test_ingest_plaintext_health_listener_beside_an_mtls_device_port(pki):
     with pytest.raises(grpc.aio.AioRpcError) as e:  # closed with the server
         await _health(probe, None)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --- renewals: certificates re-read while serving (vigil.tlsreload) ----------------------------------
+
+async def _served_certificate(port: int, ca: pathlib.Path, alpn: str) -> x509.Certificate:
+    """The certificate a new TLS connection to the port gets (verified against the CA)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols([alpn])
+    _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx), 5)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+    return x509.load_der_x509_certificate(der)
+
+
+def _renew(pki: Pki, cert: str, key: str, name: str) -> x509.Certificate:
+    """What cert-manager and the kubelet do: a new pair replaces the mounted files (each file atomically)."""
+    new_cert, new_key = pki.leaf(name, server=True)
+    pathlib.Path(new_key).replace(key)
+    pathlib.Path(new_cert).replace(cert)
+    return x509.load_pem_x509_certificate(pathlib.Path(cert).read_bytes())
+
+
+async def _until_served(port: int, pki: Pki, alpn: str, want: x509.Certificate) -> x509.Certificate:
+    got = None
+    for _ in range(100):
+        got = await _served_certificate(port, pki.ca_path, alpn)
+        if got.serial_number == want.serial_number:
+            break
+        await asyncio.sleep(0.1)
+    return got
+
+
+def _mismatched_pair(pki: Pki, cert: str, key: str) -> None:
+    """A broken renewal: a new certificate, but the key of another one."""
+    stray_cert, _ = pki.leaf("stray-a", server=True)
+    _, stray_key = pki.leaf("stray-b", server=True)
+    pathlib.Path(stray_key).replace(key)
+    pathlib.Path(stray_cert).replace(cert)
+
+
+async def test_gateway_serves_a_renewed_certificate_without_a_restart(pki, nats_url, tmp_path):
+    cert, key = pki.leaf("gw-renew", server=True)
+    first = x509.load_pem_x509_certificate(pathlib.Path(cert).read_bytes())
+    port = free_port()
+    settings = Settings(nats_url=nats_url, database_url=f"sqlite:///{tmp_path}/gw.db", http_port=port,
+                        http_tls_cert=cert, http_tls_key=key, tls_reload_seconds=1,
+                        gateway_consumer_name="tls-r-" + uuid.uuid4().hex[:8])
+    ready = asyncio.Event()
+    task = asyncio.create_task(gateway_bootstrap.run(settings, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        assert (await _served_certificate(port, pki.ca_path, "http/1.1")).serial_number == first.serial_number
+        renewed = _renew(pki, cert, key, "gw-renew-2")
+        assert (await _until_served(port, pki, "http/1.1", renewed)).serial_number == renewed.serial_number
+        verify = ssl.create_default_context(cafile=str(pki.ca_path))
+        async with httpx.AsyncClient(verify=verify) as http:
+            assert (await http.get(f"https://127.0.0.1:{port}/fhir/metadata")).status_code == 200
+        # a renewal that went wrong is not taken: the renewed certificate stays in service
+        _mismatched_pair(pki, cert, key)
+        await asyncio.sleep(2.5)
+        assert (await _served_certificate(port, pki.ca_path, "http/1.1")).serial_number == renewed.serial_number
+        # and the next good one is
+        again = _renew(pki, cert, key, "gw-renew-3")
+        assert (await _until_served(port, pki, "http/1.1", again)).serial_number == again.serial_number
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_ingest_serves_a_renewed_certificate_without_a_restart(pki, nats_url):
+    cert, key = pki.leaf("ingest-renew", server=True)
+    first = x509.load_pem_x509_certificate(pathlib.Path(cert).read_bytes())
+    srv = await ingest_bootstrap.start(Settings(grpc_listen="127.0.0.1:0", nats_url=nats_url,
+                                                grpc_tls_cert=cert, grpc_tls_key=key, tls_reload_seconds=1))
+    target = f"127.0.0.1:{srv.port}"
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_path.read_bytes())
+    try:
+        assert (await _served_certificate(srv.port, pki.ca_path, "h2")).serial_number == first.serial_number
+        renewed = _renew(pki, cert, key, "ingest-renew-2")
+        assert (await _until_served(srv.port, pki, "h2", renewed)).serial_number == renewed.serial_number
+        assert await _health(target, creds) == health_pb2.HealthCheckResponse.SERVING
+        _mismatched_pair(pki, cert, key)
+        await asyncio.sleep(2.5)
+        for _ in range(3):  # handshakes after the look at the files still get the renewed certificate
+            assert (await _served_certificate(srv.port, pki.ca_path, "h2")).serial_number == renewed.serial_number
+            await asyncio.sleep(0.6)
+        assert await _health(target, creds) == health_pb2.HealthCheckResponse.SERVING
+        again = _renew(pki, cert, key, "ingest-renew-3")
+        assert (await _until_served(srv.port, pki, "h2", again)).serial_number == again.serial_number
+    finally:
+        await srv.stop(1)

@@ -10,6 +10,7 @@ import logging
 import signal
 import threading
 
+from vigil import tlsreload
 from vigil.settings import Settings
 from vigil.tokens import TokenValidator
 from vigil_gateway.store import Store
@@ -136,6 +137,10 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None
                     raise RuntimeError("HTTP server exited during startup")
                 await asyncio.sleep(0.02)
             log.info("FHIR gateway listening on %s", settings.fhir_base_url)
+            if settings.http_tls and settings.tls_reload_seconds > 0:  # renewals without a restart
+                certs = asyncio.create_task(tlsreload.watch_server_context(
+                    server.config.ssl, settings.http_tls_cert, settings.http_tls_key, settings.tls_reload_seconds))
+                serve.add_done_callback(lambda _: certs.cancel())
             if ready is not None:
                 ready.set()
             await asyncio.shield(serve)

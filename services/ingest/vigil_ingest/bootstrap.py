@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vigil import bus
 from vigil.settings import Settings
+from vigil.tlsreload import GrpcCertificates
 from vigil_ingest.publisher import JetStreamPublisher, Publisher
 from vigil_ingest.registry import KVStore, MemoryStore, Registry
 from vigil_ingest.server import DEVICE_SERVICE_NAME, SERVICE_NAME, IngestServicer, build_server
@@ -81,18 +82,16 @@ async def start_health_listener(listen: str, health_servicer, *, reuse_port: boo
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS when VIGIL_GRPC_TLS_CERT/KEY are set; with VIGIL_GRPC_TLS_CLIENT_CA, client certificates
-    (mTLS) are required."""
+    (mTLS) are required. The files are looked at again every VIGIL_TLS_RELOAD_SECONDS (vigil.tlsreload):
+    a renewed certificate serves new connections without a restart."""
     if not settings.grpc_tls_cert:
         return None
-    with open(settings.grpc_tls_cert, "rb") as f:
-        cert = f.read()
-    with open(settings.grpc_tls_key, "rb") as f:
-        key = f.read()
-    ca = None
-    if settings.grpc_tls_client_ca:
-        with open(settings.grpc_tls_client_ca, "rb") as f:
-            ca = f.read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    certificates = GrpcCertificates(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca,
+                                    every=settings.tls_reload_seconds)
+    if settings.tls_reload_seconds > 0:
+        return certificates.credentials()
+    chain, key, ca = certificates.files.read()
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def start(settings: Settings, *, publisher: Publisher | None = None,
