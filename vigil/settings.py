@@ -27,7 +27,12 @@ class Settings:
     # HTTPS for the gateway (PEM files); both set = TLS on.
     http_tls_cert: str = ""
     http_tls_key: str = ""
-    bentoml_url: str = "http://127.0.0.1:3000"
+    bentoml_url: str = "http://127.0.0.1:3000"  # https://... when the model server has TLS
+    # HTTPS for the model server (`vigil serve-model`; PEM files, both or neither), and the CA the worker
+    # checks the model server's certificate against (empty: the system's trust store).
+    model_tls_cert: str = ""
+    model_tls_key: str = ""
+    model_tls_ca: str = ""
     model_name: str = "vigil-sepsis"
     score_interval_seconds: int = 3600
     worker_name: str = "vigil-inference"

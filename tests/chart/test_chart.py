@@ -471,6 +471,43 @@ def test_gateway_tls(tmp_path):
     assert _by(plain, "Service", "gateway")[0]["spec"]["ports"][0]["appProtocol"] == "http"
 
 
+def test_model_tls(tmp_path):
+    """model.tls.secretName: the model server serves HTTPS (VIGIL_MODEL_TLS_* from the mounted Secret),
+    probes, Service and ServiceMonitor on https, and the worker calls https:// checking against the
+    Secret's CA (model.tls.caKey)."""
+    tls = ["--set", "model.tls.secretName=model-tls"]
+    docs = _render(tmp_path / "on", *tls, "--set", "serviceMonitor.enabled=true")
+    model, pod = _container(docs, "model"), _pod(docs, "model")
+    env, files = _env_of(model), _tls_files(pod, model)
+    assert files[env["VIGIL_MODEL_TLS_CERT"]] == ("model-tls", "tls.crt")
+    assert files[env["VIGIL_MODEL_TLS_KEY"]] == ("model-tls", "tls.key")
+    for kind in PROBES:
+        assert model[kind]["httpGet"]["scheme"] == "HTTPS", (kind, model[kind])
+    [port] = _by(docs, "Service", "model")[0]["spec"]["ports"]
+    assert port["appProtocol"] == "https"
+    [endpoint] = next(d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == "t-vigil-model"
+                      )["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": "model-tls", "key": "ca.crt"}}, "serverName": "t-vigil-model.default.svc"}
+    worker, wpod = _container(docs, "worker"), _pod(docs, "worker")
+    wenv = _env_of(worker)
+    assert wenv["VIGIL_BENTOML_URL"] == "https://t-vigil-model.default.svc:3000"
+    assert _tls_files(wpod, worker)[wenv["VIGIL_MODEL_TLS_CA"]] == ("model-tls", "ca.crt")
+    # a publicly trusted certificate: no CA file, the system trust store
+    public = _render(tmp_path / "public", *tls, "--set", "model.tls.caKey=")
+    assert "VIGIL_MODEL_TLS_CA" not in _env_of(_container(public, "worker"))
+    assert _env_of(_container(public, "worker"))["VIGIL_BENTOML_URL"].startswith("https://")
+    # off: plain HTTP everywhere
+    plain = _render(tmp_path / "off", "--set", "serviceMonitor.enabled=true")
+    model, worker = _container(plain, "model"), _container(plain, "worker")
+    assert not {"VIGIL_MODEL_TLS_CERT", "VIGIL_MODEL_TLS_KEY"} & set(_env_of(model))
+    assert "scheme" not in model["livenessProbe"]["httpGet"]
+    assert _env_of(worker)["VIGIL_BENTOML_URL"] == "http://t-vigil-model.default.svc:3000"
+    assert "VIGIL_MODEL_TLS_CA" not in _env_of(worker)
+    [endpoint] = next(d for d in plain if d["kind"] == "ServiceMonitor")["spec"]["endpoints"]
+    assert "scheme" not in endpoint
+
+
 @pytest.mark.parametrize("extra, ca_source", [
     ([], None),
     (["--set", "ingest.tls.clientCaKey=ca.crt"], ("ing-tls", "ca.crt")),

@@ -116,6 +116,62 @@ async def test_bentoml_predict_equals_booster(model_store, model_server):
         await client.aclose()
 
 
+@pytest.fixture
+def https_model_server(model_store, tmp_path):
+    """`vigil serve-model` with VIGIL_MODEL_TLS_CERT/KEY: (its https URL, the CA file)."""
+    from tests.integration.pki import Pki
+
+    pki = Pki(tmp_path)
+    cert, key = pki.leaf("model", server=True)
+    port = devservers.free_port()
+    env = {**model_store.env, "VIGIL_MODEL_TLS_CERT": cert, "VIGIL_MODEL_TLS_KEY": key}
+    with open(tmp_path / "serve.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vigil.cli", "serve-model", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, cwd=str(model_store.home), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        devservers.wait_for_port(port, 90, proc)
+        yield f"https://127.0.0.1:{port}", str(pki.ca_path)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+async def test_model_server_over_https(model_store, https_model_server):
+    """HTTPS only on the model server's port; the worker's client checks the certificate against
+    VIGIL_MODEL_TLS_CA and scores as over HTTP."""
+    import httpx
+
+    url, ca = https_model_server
+    async with httpx.AsyncClient(verify=ca, timeout=10) as http:
+        for _ in range(100):
+            with contextlib.suppress(httpx.TransportError):
+                if (await http.get(f"{url}/readyz")).status_code == 200:
+                    break
+            await asyncio.sleep(0.3)
+    stays = list(physionet.iter_stays(physionet.default_dataset(), limit=2))
+    x = np.vstack([F.stay_features(s)[0] for s in stays])
+    expected = model_store.booster.predict(xgb.DMatrix(x, missing=np.nan, feature_names=F.feature_names()))
+    client = ModelClient(url, ca=ca)
+    try:
+        np.testing.assert_allclose(await client.predict(x), expected, rtol=0, atol=1e-6)
+        assert (await client.metadata())["threshold"] == model_store.result["threshold"]
+    finally:
+        await client.aclose()
+    plain = ModelClient(url.replace("https://", "http://"))  # no plaintext on the TLS port
+    with pytest.raises(httpx.TransportError):
+        await plain.predict(x[:1])
+    await plain.aclose()
+    untrusting = ModelClient(url)  # the system trust store lacks the test CA
+    with pytest.raises(httpx.ConnectError):
+        await untrusting.predict(x[:1])
+    await untrusting.aclose()
+
+
 async def _drain(worker: Worker, expect_messages: int) -> list:
     """Step the worker until it has consumed `expect_messages` or is idle."""
     out = []

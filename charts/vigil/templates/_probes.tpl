@@ -69,7 +69,7 @@ readinessProbe:
 
 {{/*
 The probes of one container; call with (dict "root" $ "component" "ingest").
-With gateway TLS an httpGet probe that sets no scheme gets scheme HTTPS; with ingest TLS a gRPC probe
+With gateway or model TLS an httpGet probe that sets no scheme gets scheme HTTPS; with ingest TLS a gRPC probe
 goes to the plaintext health port 50052, or else must be grpc.mode TLS (Kubernetes >= 1.37, alpha), and
 with mTLS only the health port can be probed over gRPC (the kubelet has no client certificate).
 */}}
@@ -79,7 +79,7 @@ with mTLS only the health port can be probed over gRPC (the kubelet has no clien
 {{- $c := index $root.Values $name }}
 {{- $defaults := fromYaml (include (printf "vigil.probes.%s" $name) $root) | default dict }}
 {{- $handlers := list "exec" "httpGet" "tcpSocket" "grpc" }}
-{{- $httpsOn := and (eq $name "gateway") (ne $c.tls.secretName "") }}
+{{- $httpsOn := and (has $name (list "gateway" "model")) (ne $c.tls.secretName "") }}
 {{- $grpcTls := and (eq $name "ingest") (ne $c.tls.secretName "") }}
 {{- range $kind := list "startupProbe" "livenessProbe" "readinessProbe" }}
 {{- $raw := index $c $kind | default dict }}

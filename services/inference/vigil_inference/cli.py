@@ -58,10 +58,32 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_server_env(settings, env: dict[str, str]) -> dict[str, str]:
+    """The environment of `bentoml serve`: with VIGIL_MODEL_TLS_CERT/KEY, the service's own BentoML
+    configuration turns HTTPS on (BentoML 1.4 reads TLS per service: services."<name>".ssl; its serve
+    command has no TLS flags). Other BENTOML_CONFIG_OPTIONS are kept."""
+    if bool(settings.model_tls_cert) != bool(settings.model_tls_key):
+        raise SystemExit("serve-model: VIGIL_MODEL_TLS_CERT and VIGIL_MODEL_TLS_KEY go together")
+    if not settings.model_tls_cert:
+        return env
+    from vigil_inference.service import SERVICE_NAME
+
+    for path in (settings.model_tls_cert, settings.model_tls_key):
+        if not os.path.isfile(path):
+            raise SystemExit(f"serve-model: TLS file {path} does not exist")
+        if any(c.isspace() or c == '"' for c in path):  # BENTOML_CONFIG_OPTIONS is split on whitespace
+            raise SystemExit(f"serve-model: TLS file path {path!r} must not contain whitespace or quotes")
+    ssl = f'services."{SERVICE_NAME}".ssl'
+    options = f"{ssl}.enabled=true {ssl}.certfile={settings.model_tls_cert} {ssl}.keyfile={settings.model_tls_key}"
+    return {**env, "BENTOML_CONFIG_OPTIONS": " ".join(filter(None, (env.get("BENTOML_CONFIG_OPTIONS"), options)))}
+
+
 def _serve_model(args: argparse.Namespace) -> int:
+    from vigil.settings import Settings
+
     bentoml = os.path.join(os.path.dirname(sys.executable), "bentoml")
     cmd = [bentoml, "serve", "vigil_inference.service:SepsisRisk", "--host", args.host, "--port", str(args.port)]
-    os.execv(bentoml, cmd)
+    os.execve(bentoml, cmd, model_server_env(Settings.from_env(), dict(os.environ)))
     return 0  # not reached
 
 
@@ -104,7 +126,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--partitions", type=int, default=1, help="number of worker replicas sharing the patients")
     p.set_defaults(func=_worker)
 
-    p = subparsers.add_parser("serve-model", help="serve the model with BentoML (bentoml serve)")
+    p = subparsers.add_parser("serve-model", help="serve the model with BentoML (bentoml serve; HTTPS with "
+                                                  "VIGIL_MODEL_TLS_CERT/KEY)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=_serve_model)

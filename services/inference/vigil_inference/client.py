@@ -25,11 +25,16 @@ def encode_features(features: np.ndarray) -> bytes:
 class ModelClient:
     """Async client of `vigil_inference.service:SepsisRisk` (BentoML 1.4 JSON over HTTP)."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0):
+    def __init__(self, url: str, *, timeout: float = 30.0, ca: str = ""):
+        """`ca`: PEM file of the CA an https:// model server's certificate is checked against (empty:
+        the system's trust store)."""
+        import ssl
+
         import httpx
 
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        verify = ssl.create_default_context(cafile=ca) if ca else True
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, verify=verify)
         self._metadata: dict | None = None
 
     async def predict(self, features: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 
 from vigil_inference.model import MODEL_NAME, load_model
 
+SERVICE_NAME = "vigil-sepsis-risk"
 MAX_BATCH_SIZE = 1024
 MAX_LATENCY_MS = 2000
 
@@ -30,7 +31,7 @@ def _to_matrix(features) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-@bentoml.service(name="vigil-sepsis-risk", workers=1, traffic={"timeout": 30})
+@bentoml.service(name=SERVICE_NAME, workers=1, traffic={"timeout": 30})
 class SepsisRisk:
     def __init__(self) -> None:
         self.model = load_model(os.environ.get("VIGIL_MODEL_TAG", f"{MODEL_NAME}:latest"))

@@ -469,7 +469,7 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None, model_c
     from vigil_inference.client import ModelClient
 
     setup_telemetry("vigil-worker")
-    client = model_client or ModelClient(settings.bentoml_url)
+    client = model_client or ModelClient(settings.bentoml_url, ca=settings.model_tls_ca)
     nc = await nats.connect(settings.nats_url, name=settings.worker_name)
     worker = Worker(nc.jetstream(), client, settings, **worker_options)
     try:
