@@ -36,6 +36,10 @@ class Settings:
     model_name: str = "vigil-sepsis"
     score_interval_seconds: int = 3600
     worker_name: str = "vigil-inference"
+    # The worker's /healthz and /readyz (host:port, e.g. 0.0.0.0:8081; empty = none), and how long its
+    # consume loop may go without finishing a fetch before /healthz says it is stuck.
+    worker_health_listen: str = ""
+    worker_stall_seconds: int = 120
     stream_replicas: int = 1  # JetStream replicas per stream (3 on a 3-node cluster)
     bus_compression: str = "zstd"  # Observation bodies on the bus: zstd (about 18x smaller) or none
     gateway_consumer_name: str = "vigil-gateway"

@@ -653,14 +653,25 @@ def test_probe_tuning_and_disabling(tmp_path):
     assert "startupProbe" not in ingest
     model = _container(docs, "model")
     assert "livenessProbe" not in model and _handlers(model["readinessProbe"]) == ["httpGet"]
-    # the worker has no probes by default, and keeps its checkov notes for that
+    # the worker's probes go to its health port (VIGIL_WORKER_HEALTH_LISTEN); no checkov notes then
     worker = _by(docs, "Deployment", "worker")[0]
-    assert not set(PROBES) & set(worker["spec"]["template"]["spec"]["containers"][0])
-    assert "checkov.io/skip1" in worker["metadata"]["annotations"]
-    with_probe = _by(_render(tmp_path / "w", "--set", "worker.livenessProbe.tcpSocket.port=8081"), "Deployment", "worker")
-    assert "annotations" not in with_probe[0]["metadata"]
-    for args, message in ((["--set", "worker.livenessProbe.periodSeconds=5"], "worker.livenessProbe has no handler"),
-                          (["--set", "gateway.livenessProbe.grpc.port=1", "--set", "gateway.livenessProbe.exec.command={true}"],
+    wc = worker["spec"]["template"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in wc["ports"]} == {"health": 8081}
+    assert _env_of(wc)["VIGIL_WORKER_HEALTH_LISTEN"] == "0.0.0.0:8081" and _env_of(wc)["VIGIL_WORKER_STALL_SECONDS"] == "120"
+    assert {k: wc[k]["httpGet"]["path"] for k in PROBES} == {"startupProbe": "/healthz", "livenessProbe": "/healthz",
+                                                              "readinessProbe": "/readyz"}
+    assert all(wc[k]["httpGet"]["port"] == "health" for k in PROBES)
+    assert "annotations" not in worker["metadata"]
+    # all of them turned off: checkov is told why
+    off = ["--set", "worker.startupProbe.enabled=false", "--set", "worker.livenessProbe.enabled=false",
+           "--set", "worker.readinessProbe.enabled=false"]
+    without = _by(_render(tmp_path / "w", *off), "Deployment", "worker")[0]
+    assert not set(PROBES) & set(without["spec"]["template"]["spec"]["containers"][0])
+    assert "checkov.io/skip1" in without["metadata"]["annotations"]
+    # tuning a worker probe keeps its handler
+    tuned = _container(_render(tmp_path / "t", "--set", "worker.livenessProbe.periodSeconds=5"), "worker")
+    assert tuned["livenessProbe"]["periodSeconds"] == 5 and _handlers(tuned["livenessProbe"]) == ["httpGet"]
+    for args, message in ((["--set", "gateway.livenessProbe.grpc.port=1", "--set", "gateway.livenessProbe.exec.command={true}"],
                            "exactly one handler"),
                           (["--set", "gateway.livenessProbe.periodSecond=5"], "periodSecond")):
         bad = _helm_template(tmp_path / "bad", *args)

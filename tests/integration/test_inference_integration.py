@@ -315,7 +315,9 @@ async def test_run_entry_point_with_local_model_starts_and_shuts_down(model_stor
                                    feature_names=F.feature_names(), version=result["tag"].split(":")[1]))
     prefix = "it" + uuid.uuid4().hex[:10]
     name = f"run-{prefix}"
-    settings = Settings(nats_url=nats_url, bentoml_url="http://127.0.0.1:9", worker_name=name)
+    health_port = devservers.free_port()
+    settings = Settings(nats_url=nats_url, bentoml_url="http://127.0.0.1:9", worker_name=name,
+                        worker_health_listen=f"127.0.0.1:{health_port}")
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await bus.ensure_streams(js)
@@ -332,9 +334,18 @@ async def test_run_entry_point_with_local_model_starts_and_shuts_down(model_stor
     msg = await risk.next_msg(timeout=20)
     (ra,) = bus.decode_bundle(msg.data)
     assert ra["subject"]["reference"] == f"Patient/{pid}" and ra["method"]["text"].endswith(local.model.version)
+    import httpx  # the kubelet's view: live and ready (bound, model answered, NATS connected)
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{health_port}", timeout=5) as http:
+        assert (await http.get("/healthz")).json()["status"] == "ok"
+        r = await http.get("/readyz")
+        assert r.status_code == 200, r.text
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    with pytest.raises(httpx.ConnectError):  # the health listener closes with the worker
+        async with httpx.AsyncClient() as http:
+            await http.get(f"http://127.0.0.1:{health_port}/healthz")
     await js.delete_consumer(bus.OBSERVATIONS_STREAM, name)
     await js.delete_consumer(bus.EHR_STREAM, f"{name}-ehr")
     await risk.unsubscribe()

@@ -64,7 +64,20 @@ readinessProbe:
 {{- end }}
 
 {{- define "vigil.probes.worker" -}}
-{}
+startupProbe:
+  httpGet: {path: /healthz, port: health}
+  periodSeconds: 5
+  failureThreshold: 60
+livenessProbe:
+  httpGet: {path: /healthz, port: health}
+  periodSeconds: 15
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: health}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
 {{- end }}
 
 {{/*

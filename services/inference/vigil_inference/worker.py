@@ -51,9 +51,10 @@ import numpy as np
 
 from vigil import bus, ehr, telemetry, tracing
 from vigil.settings import Settings
-from vigil_inference import anomaly
+from vigil_inference import anomaly, health
 from vigil_inference import features as F
 from vigil_inference.features import PatientState, observation_event
+from vigil_inference.health import WorkerHealth
 from vigil_inference.riskassessment import BASIS_CAP, build_risk_assessment
 
 log = logging.getLogger("vigil.inference.worker")
@@ -129,6 +130,7 @@ class Worker:
         self._names = F.feature_names()
         self._news2_col = self._names.index("news2_partial")
         self._lag = {"observations": 0, "ehr": 0}
+        self.health = WorkerHealth(stall_seconds=settings.worker_stall_seconds)
         meter = telemetry.meter()
         self._m_readings = meter.create_counter(
             "vigil.worker.readings", unit="{observation}", description="Observations consumed (this partition)")
@@ -167,6 +169,7 @@ class Worker:
             raise RuntimeError(f"model {meta.get('name')}:{meta.get('version')} was trained on {len(names)} "
                                f"features, this worker computes {len(self._names)}: retrain (vigil train)")
         self._meta = meta
+        self.health.started = True
 
     async def _bind(self) -> None:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -209,6 +212,7 @@ class Worker:
                 except TimeoutError:
                     break
                 out += [m.data for m in msgs]
+                self.health.progress()  # a long rebuild is progress, not a stall
                 if msgs and msgs[-1].metadata.num_pending == 0:
                     break
         finally:
@@ -443,10 +447,12 @@ class Worker:
                 published = await self.step()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("scoring a batch failed; its messages will be redelivered")
+                self.health.progress(error=repr(exc))
                 await asyncio.sleep(1.0)
                 continue
+            self.health.progress()
             if published:
                 log.info("published %d risk assessments", len(published))
 
@@ -470,8 +476,19 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None, model_c
 
     setup_telemetry("vigil-worker")
     client = model_client or ModelClient(settings.bentoml_url, ca=settings.model_tls_ca)
-    nc = await nats.connect(settings.nats_url, name=settings.worker_name)
+    state = WorkerHealth(stall_seconds=settings.worker_stall_seconds)
+
+    async def disconnected() -> None:
+        state.connected = False
+
+    async def reconnected() -> None:
+        state.connected = True
+
+    nc = await nats.connect(settings.nats_url, name=settings.worker_name, disconnected_cb=disconnected,
+                            reconnected_cb=reconnected)
     worker = Worker(nc.jetstream(), client, settings, **worker_options)
+    worker.health = state
+    probes = await health.serve(state, settings.worker_health_listen) if settings.worker_health_listen else None
     try:
         while True:  # wait for the model service (it may start after the worker)
             try:
@@ -480,11 +497,14 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None, model_c
             except Exception as exc:
                 if worker._sub is not None:
                     log.warning("model service at %s not ready (%s); retrying", settings.bentoml_url, exc)
+                    state.progress(error=f"model service not ready: {exc!r}")
                     await asyncio.sleep(2.0)
                 else:
                     raise
         await worker.run_forever(ready)
     finally:
+        if probes is not None:
+            probes.close()
         await worker.stop()
         with contextlib.suppress(Exception):
             await nc.drain()
