@@ -70,6 +70,11 @@ class CertFiles:
         return chain, key, ca
 
 
+def _unusable(files: CertFiles, exc: Exception) -> None:
+    log.error("TLS files %s / %s changed but cannot be used (%s); still serving the previous certificate",
+              files.cert, files.key, exc)
+
+
 def reload_context(context: ssl.SSLContext, files: CertFiles) -> bool:
     """Load changed files into `context` (new handshakes use them). True when it did; unusable files
     are logged and leave the context as it was."""
@@ -79,8 +84,7 @@ def reload_context(context: ssl.SSLContext, files: CertFiles) -> bool:
         files.read()  # checked first: a failed load_cert_chain may leave the context half-changed
         context.load_cert_chain(files.cert, files.key)
     except (OSError, ValueError) as exc:
-        log.error("TLS files %s / %s changed but cannot be used (%s); still serving the previous certificate",
-                  files.cert, files.key, exc)
+        _unusable(files, exc)
         return False
     log.info("TLS certificate reloaded from %s", files.cert)
     return True
@@ -125,8 +129,7 @@ class GrpcCertificates:
             try:
                 chain, key, ca = self.files.read()
             except (OSError, ValueError) as exc:
-                log.error("TLS files %s / %s changed but cannot be used (%s); still serving the previous "
-                          "certificate", self.files.cert, self.files.key, exc)
+                _unusable(self.files, exc)
                 return None
         log.info("TLS certificate reloaded from %s", self.files.cert)
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)

@@ -107,7 +107,7 @@ class Worker:
                  fetch_timeout: float = 1.0, ack_wait: float = 120.0,
                  filter_subject: str = bus.OBSERVATIONS_SUBJECTS, ehr_filter_subject: str = bus.EHR_SUBJECTS,
                  partition: int = 0, partitions: int = 1, news2: bool = True, explain: bool = True,
-                 anomaly: bool = True):
+                 anomaly: bool = True, health: WorkerHealth | None = None):
         if not 0 <= partition < max(partitions, 1):
             raise ValueError("partition must be in [0, partitions)")
         self.js = js
@@ -130,7 +130,8 @@ class Worker:
         self._names = F.feature_names()
         self._news2_col = self._names.index("news2_partial")
         self._lag = {"observations": 0, "ehr": 0}
-        self.health = WorkerHealth(stall_seconds=settings.worker_stall_seconds)
+        # what /healthz and /readyz report (vigil_inference.health)
+        self.health = health or WorkerHealth(stall_seconds=settings.worker_stall_seconds)
         meter = telemetry.meter()
         self._m_readings = meter.create_counter(
             "vigil.worker.readings", unit="{observation}", description="Observations consumed (this partition)")
@@ -486,8 +487,7 @@ async def run(settings: Settings, *, ready: asyncio.Event | None = None, model_c
 
     nc = await nats.connect(settings.nats_url, name=settings.worker_name, disconnected_cb=disconnected,
                             reconnected_cb=reconnected)
-    worker = Worker(nc.jetstream(), client, settings, **worker_options)
-    worker.health = state
+    worker = Worker(nc.jetstream(), client, settings, health=state, **worker_options)
     probes = await health.serve(state, settings.worker_health_listen) if settings.worker_health_listen else None
     try:
         while True:  # wait for the model service (it may start after the worker)
