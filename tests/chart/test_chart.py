@@ -429,17 +429,24 @@ def _write_values(tmp_path: pathlib.Path, values: dict) -> str:
     return str(path)
 
 
+def _https_container(docs, component: str, secret: str, env_prefix: str) -> tuple[dict, dict]:
+    """The component's container serving HTTPS from `secret`: <env_prefix>_CERT/_KEY name the mounted
+    tls.crt/tls.key, every default probe has scheme HTTPS. (container, its env)"""
+    c = _container(docs, component)
+    env, files = _env_of(c), _tls_files(_pod(docs, component), c)
+    assert files[env[f"{env_prefix}_CERT"]] == (secret, "tls.crt")
+    assert files[env[f"{env_prefix}_KEY"]] == (secret, "tls.key")
+    for kind in PROBES:
+        assert c[kind]["httpGet"]["scheme"] == "HTTPS", (component, kind, c[kind])
+    return c, env
+
+
 def test_gateway_tls(tmp_path):
     """gateway.tls.secretName: the Secret's tls.crt/tls.key mounted read-only and named by VIGIL_HTTP_TLS_*,
     probes, Service, ServiceMonitor, helm test and the in-cluster base URL all on https."""
     tls = ["--set", "gateway.tls.secretName=gw-tls"]
     docs = _render(tmp_path / "on", *tls, "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.gateway=true")
-    gw, pod = _container(docs, "gateway"), _pod(docs, "gateway")
-    env, files = _env_of(gw), _tls_files(pod, gw)
-    assert files[env["VIGIL_HTTP_TLS_CERT"]] == ("gw-tls", "tls.crt")
-    assert files[env["VIGIL_HTTP_TLS_KEY"]] == ("gw-tls", "tls.key")
-    for kind in PROBES:
-        assert gw[kind]["httpGet"]["scheme"] == "HTTPS", (kind, gw[kind])
+    gw, env = _https_container(docs, "gateway", "gw-tls", "VIGIL_HTTP_TLS")
     assert env["VIGIL_PUBLIC_BASE_URL"] == "https://t-vigil-gateway.default.svc:8080/fhir"
     [port] = _by(docs, "Service", "gateway")[0]["spec"]["ports"]
     assert (port["name"], port["appProtocol"]) == ("http", "https")
@@ -477,12 +484,7 @@ def test_model_tls(tmp_path):
     Secret's CA (model.tls.caKey)."""
     tls = ["--set", "model.tls.secretName=model-tls"]
     docs = _render(tmp_path / "on", *tls, "--set", "serviceMonitor.enabled=true")
-    model, pod = _container(docs, "model"), _pod(docs, "model")
-    env, files = _env_of(model), _tls_files(pod, model)
-    assert files[env["VIGIL_MODEL_TLS_CERT"]] == ("model-tls", "tls.crt")
-    assert files[env["VIGIL_MODEL_TLS_KEY"]] == ("model-tls", "tls.key")
-    for kind in PROBES:
-        assert model[kind]["httpGet"]["scheme"] == "HTTPS", (kind, model[kind])
+    _https_container(docs, "model", "model-tls", "VIGIL_MODEL_TLS")
     [port] = _by(docs, "Service", "model")[0]["spec"]["ports"]
     assert port["appProtocol"] == "https"
     [endpoint] = next(d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == "t-vigil-model"

@@ -48,18 +48,16 @@ def model_store(tmp_path_factory):
     return types.SimpleNamespace(home=home, env=env, result=result, booster=booster)
 
 
-@pytest.fixture(scope="module")
-def model_server(model_store):
-    home = model_store.home
-    env = model_store.env
+@contextlib.contextmanager
+def _model_process(args: list[str], env: dict, home: pathlib.Path, log_path: pathlib.Path):
+    """A model server process (its own session) on a free port, until the block ends: yields the port."""
     port = devservers.free_port()
-    with open(home / "serve.log", "ab") as log:
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "vigil_inference.service:SepsisRisk",
-                                 "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=str(home),
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([*args, "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=str(home),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         devservers.wait_for_port(port, 90, proc)
-        yield f"http://127.0.0.1:{port}"
+        yield port
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -67,6 +65,14 @@ def model_server(model_store):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model_server(model_store):
+    home = model_store.home
+    with _model_process([str(BIN / "bentoml"), "serve", "vigil_inference.service:SepsisRisk"], model_store.env,
+                        home, home / "serve.log") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_training_result_is_stored_with_metadata(model_store):
@@ -123,22 +129,10 @@ def https_model_server(model_store, tmp_path):
 
     pki = Pki(tmp_path)
     cert, key = pki.leaf("model", server=True)
-    port = devservers.free_port()
     env = {**model_store.env, "VIGIL_MODEL_TLS_CERT": cert, "VIGIL_MODEL_TLS_KEY": key}
-    with open(tmp_path / "serve.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "vigil.cli", "serve-model", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, cwd=str(model_store.home), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        devservers.wait_for_port(port, 90, proc)
+    with _model_process([sys.executable, "-m", "vigil.cli", "serve-model"], env, model_store.home,
+                        tmp_path / "serve.log") as port:
         yield f"https://127.0.0.1:{port}", str(pki.ca_path)
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
 
 
 async def test_model_server_over_https(model_store, https_model_server):
