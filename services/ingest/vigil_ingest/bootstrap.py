@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vigil import bus
 from vigil.settings import Settings
-from vigil.tlsreload import GrpcCertificates
+from vigil.tlsreload import CertFiles, GrpcCertificates
 from vigil_ingest.publisher import JetStreamPublisher, Publisher
 from vigil_ingest.registry import KVStore, MemoryStore, Registry
 from vigil_ingest.server import DEVICE_SERVICE_NAME, SERVICE_NAME, IngestServicer, build_server
@@ -86,11 +86,10 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     a renewed certificate serves new connections without a restart."""
     if not settings.grpc_tls_cert:
         return None
-    certificates = GrpcCertificates(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca,
-                                    every=settings.tls_reload_seconds)
+    files = (settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
     if settings.tls_reload_seconds > 0:
-        return certificates.credentials()
-    chain, key, ca = certificates.files.read()
+        return GrpcCertificates(*files, every=settings.tls_reload_seconds).credentials()
+    chain, key, ca = CertFiles(*files).read()
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
 
 
