@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from vigil import gc_tuning
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -53,6 +55,9 @@ class Settings:
     grpc_health_listen: str = ""
     # How often the TLS files above are looked at for a renewal (seconds; 0 = read at start only).
     tls_reload_seconds: int = 30
+    # The garbage collector of the gateway, ingest and worker processes (vigil.gc_tuning): thresholds
+    # gen0,gen1,gen2 after freezing what start-up created; empty = CPython's defaults.
+    gc_thresholds: str = gc_tuning.DEFAULT
     extra: dict = field(default_factory=dict)
 
     @property

@@ -41,6 +41,7 @@ def run_migrate_command(args: argparse.Namespace) -> int:
 
 
 def run_gateway_command(args: argparse.Namespace) -> int:
+    from vigil import gc_tuning
     from vigil.settings import Settings
     from vigil_gateway import bootstrap
 
@@ -48,6 +49,7 @@ def run_gateway_command(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(http_host=getattr(args, "http_host", None), http_port=args.http_port,
                                  database_url=args.database_url, nats_url=args.nats_url)
+    gc_tuning.tune(settings.gc_thresholds)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(bootstrap.run(settings))

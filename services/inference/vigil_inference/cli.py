@@ -46,11 +46,13 @@ def _worker(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from vigil import gc_tuning
     from vigil.settings import Settings
     from vigil_inference.worker import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(nats_url=args.nats_url, bentoml_url=args.bentoml_url)
+    gc_tuning.tune(settings.gc_thresholds)
     try:
         asyncio.run(run(settings, partition=args.partition, partitions=args.partitions))
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ def add_commands(subparsers) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     import logging
 
+    from vigil import gc_tuning
     from vigil.settings import Settings
     from vigil_ingest import bootstrap, workers
 
@@ -57,6 +58,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     reuse_port = workers.WORKER_ENV in os.environ  # one of several workers on the same port
     if reuse_port:
         workers.die_with_supervisor()
+    gc_tuning.tune(settings.gc_thresholds)
 
     async def serve() -> None:
         # SIGTERM/SIGINT cancel run(), which then stops gracefully (drains in-flight batches).
