@@ -10,7 +10,7 @@ How it stays faithful: *templates written by the store itself*. One Observation 
 `vigil_inference.riskassessment.build_risk_assessment`) are made with marker values in place of the
 patient id, device id, resource ids, times, values and basis references, and stored with the store's
 own `upsert_many` into the target database. Every row that write made in every table (resources,
-resource_history, idx_token, idx_reference, idx_date, idx_string) is read back and deleted again; each
+resource_history, idx_token, idx_reference, idx_date, idx_string, idx_quantity) is read back and deleted again; each
 of its values becomes literal pieces with markers between them. The loader then produces rows by
 putting the per-row values where the markers were: on PostgreSQL server-side (`INSERT ... SELECT`
 over `generate_series`, one statement per template and table per chunk of hours, nothing goes
@@ -51,7 +51,8 @@ DEFAULT_CODES = ("HR", "Temp", "SBP", "MAP", "DBP", "Resp", "EtCO2", "FiO2", "Sa
 MODEL = "vigil-sepsis"
 MODEL_VERSION = "bench"
 TABLES = {"resources": "id", "resource_history": "id", "idx_token": "resource_id",
-          "idx_reference": "resource_id", "idx_date": "resource_id", "idx_string": "resource_id"}
+          "idx_reference": "resource_id", "idx_date": "resource_id", "idx_string": "resource_id",
+          "idx_quantity": "resource_id"}
 
 # Markers: valid where they stand (ids are FHIR ids, times are times, values are plausible numbers)
 # and found nowhere else in a template.
@@ -299,8 +300,8 @@ Part = str | tuple[str]  # a literal piece, or (marker name,)
 @dataclasses.dataclass
 class Column:
     name: str
-    kind: str           # lit | text | json | jsonb | seq | hash (json/jsonb: PostgreSQL's column type)
-    value: object = None  # lit: the value; text/json/jsonb/hash: list[Part]
+    kind: str           # lit | text | json | jsonb | seq | hash | num (json/jsonb: PostgreSQL's column type)
+    value: object = None  # lit: the value; text/json/jsonb/hash: list[Part]; num: [(marker name,)]
 
 
 @dataclasses.dataclass
@@ -356,6 +357,11 @@ def _template_resources(plan: Plan) -> list[tuple[str, object, dict, dict[str, s
                      "prob": repr(prob), **{f"b{j}": b for j, b in enumerate(basis)}}
             out.append(("risk", band, ra, marks))
     return out
+
+
+def _number_marker(v: float, marks: dict[str, str]) -> str | None:
+    """The marker (val: an Observation's value, prob: a RiskAssessment's probability) a stored number is."""
+    return next((k for k in ("val", "prob") if k in marks and v == float(marks[k])), None)
 
 
 class _Db:
@@ -423,6 +429,8 @@ def learn_templates(db: _Db, store, plan: Plan) -> list[Template]:
                         out.append(Column(name, "seq"))
                     elif name == "content_hash":
                         out.append(Column(name, "hash", _split(canonical, marks)))
+                    elif isinstance(v, float) and (num := _number_marker(v, marks)) is not None:
+                        out.append(Column(name, "num", [(num,)]))  # idx_quantity.value
                     elif isinstance(v, str):
                         parts = _split(v, all_marks)
                         out.append(Column(name, typ if typ in ("json", "jsonb") else "text", parts)
@@ -464,6 +472,8 @@ def _sql_col(col: Column) -> str:
         return f"encode(sha256(convert_to({_sql_parts(col.value)}, 'UTF8')), 'hex')"
     if col.kind in ("json", "jsonb"):
         return f"{_sql_parts(col.value)}::{col.kind}"
+    if col.kind == "num":
+        return f"({_sql_parts(col.value)})::double precision"
     return _sql_parts(col.value)
 
 
@@ -724,6 +734,9 @@ def _load_sqlite(db: _Db, plan: Plan, templates: list[Template], chunk_hours: in
                     elif c.kind == "hash":
                         f = _py_fill(c.value)
                         row_fns.append(lambda ctx, s, f=f: hashlib.sha256(f(ctx).encode()).hexdigest())
+                    elif c.kind == "num":
+                        f = _py_fill(c.value)
+                        row_fns.append(lambda ctx, s, f=f: float(f(ctx)))
                     else:
                         f = _py_fill(c.value)
                         row_fns.append(lambda ctx, s, f=f: f(ctx))
@@ -800,6 +813,10 @@ def verify_sample(url: str, plan: Plan, n: int = 20, seed: int = 3) -> int:
                             [want["resourceType"], want["id"]])
                 if sorted(refs) != sorted(ix.refs):
                     raise AssertionError(f"{want['id']}: idx_reference rows differ")
+                qtys = db.q("SELECT param, value, system, code, unit FROM idx_quantity WHERE resource_type=? "
+                            "AND resource_id=?", [want["resourceType"], want["id"]])
+                if sorted(qtys) != sorted(ix.quantities):
+                    raise AssertionError(f"{want['id']}: idx_quantity rows differ")
                 checked += 1
         return checked
     finally:

@@ -93,7 +93,7 @@ async def test_bulk_load_equals_the_write_path(two_urls):
     a, b = dump(bulk_url), dump(normal_url)
     for table in bulk_load.TABLES:
         assert a[table] == b[table], table
-    assert a["idx_token"] and a["idx_reference"]
+    assert a["idx_token"] and a["idx_reference"] and a["idx_quantity"]
 
     bulk = build_store(bulk_url)
     try:
@@ -127,6 +127,9 @@ async def _same_http_answers(plan: bulk_load.Plan, bulk, normal) -> None:
                          f"&date=ge{since}&_count=100")
             paths.append(f"/fhir/Observation?subject={subject}&code=http%3A%2F%2Floinc.org%7C{code}&_count=7")
         paths.append(f"/fhir/RiskAssessment?subject={subject}&_count=5")
+        paths.append(f"/fhir/Observation?subject={subject}&value-quantity=gt90&_count=100")
+    paths.append("/fhir/Observation?code=http%3A%2F%2Floinc.org%7C8867-4&value-quantity=lt150&_count=20")
+    paths.append("/fhir/RiskAssessment?probability=ge0.5&risk=high&_count=20")
     answers = []
     for store in (bulk, normal):
         app = create_app(Settings(), store, None)
@@ -145,6 +148,9 @@ async def _same_http_answers(plan: bulk_load.Plan, bulk, normal) -> None:
             got.append(without_time(r.json()))
         answers.append(got)
     assert answers[0] == answers[1]
+    for path, (total, _entries) in zip(paths, answers[0]):  # the number/quantity searches find something
+        if "value-quantity" in path or "probability" in path:
+            assert total > 0, path
     # and they are the patient's data, newest first, a full page where there is one
     first_total, first_entries = answers[0][0]
     assert first_total == plan.lengths[0] and len(first_entries) == min(100, plan.lengths[0])

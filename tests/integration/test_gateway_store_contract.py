@@ -26,8 +26,8 @@ def store(request, tmp_path):
         s = build_store(f"sqlite:///{tmp_path}/nested/dir/gateway.db")
     else:
         s = build_store(request.getfixturevalue("fresh_postgres_url"))
-    assert s.migrate() == 4
-    assert s.migrate() == 4  # idempotent
+    assert s.migrate() == 5
+    assert s.migrate() == 5  # idempotent
     yield s
     s.close()
 
@@ -156,7 +156,7 @@ def test_upgrade_from_schema_1_reindexes_existing_rows(dialect, request, tmp_pat
     old.close()
     monkeypatch.undo()
     new = build_store(url)
-    assert new.migrate() == 4
+    assert new.migrate() == 5
     assert new.search("Observation", subject="Patient/p1", code=[TokenFilter(LOINC, HR)])[0] == 1
     assert new.vread("Observation", "legacy", 3)["meta"]["versionId"] == "3"
     assert new.upsert_many([obs("fresh")]) == UpsertCounts(new=1)
@@ -225,3 +225,131 @@ async def test_sqlite_event_loop_read_goes_to_a_thread_when_busy(tmp_path, monke
     for c in (holder, busy):
         c.close()
     store.close()
+
+
+# --- number and quantity parameters (migration 0005) -----------------------------------------------
+
+UCUM = "http://unitsofmeasure.org"
+
+
+def risk(rid: str, probability: float, band: str, patient: str = "p1", performer: str = "Device/model-a") -> dict:
+    return {"resourceType": "RiskAssessment", "id": rid, "status": "final",
+            "subject": {"reference": f"Patient/{patient}"},
+            "occurrencePeriod": {"start": "2026-01-01T10:00:00Z", "end": "2026-01-01T11:00:00Z"},
+            "performer": {"reference": performer},
+            "prediction": [{"probabilityDecimal": probability, "qualitativeRisk": {"coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/risk-probability", "code": band}]}}]}
+
+
+def _ids(store, rtype: str, query: str) -> set[str]:
+    import urllib.parse
+
+    from vigil_gateway.search_params import parse_search
+
+    parsed = parse_search(rtype, urllib.parse.parse_qsl(query), strict=True)
+    return {r["id"] for r in store.search_query(parsed.query).resources}
+
+
+def test_number_and_quantity_search(store):
+    """R4 number/quantity semantics (search.html#number, #quantity): eq/ne/ap use the search value's
+    precision, the other prefixes the number itself; units by system|code or by code-or-unit."""
+    store.upsert_many([risk("r1", 0.05, "low"), risk("r2", 0.5, "moderate"), risk("r3", 0.549, "moderate"),
+                       risk("r4", 0.91, "high", patient="p2", performer="Device/model-b")])
+    mgdl = obs("glu", code="2345-7", value=120.0)
+    mgdl["valueQuantity"] = {"value": 120.0, "unit": "mg/dL", "system": UCUM, "code": "mg/dL"}
+    no_code = obs("nocode", value=99.0)
+    no_code["valueQuantity"] = {"value": 99.0, "unit": "beats/min"}
+    store.upsert_many([obs("hr80", value=80.0), obs("hr121", value=121.0), obs("hr1205", value=120.5),
+                       mgdl, no_code])
+
+    ra = lambda q: _ids(store, "RiskAssessment", q)
+    assert ra("probability=gt0.5") == {"r3", "r4"}
+    assert ra("probability=ge0.5") == {"r2", "r3", "r4"}
+    assert ra("probability=lt0.5") == {"r1"} and ra("probability=le0.05") == {"r1"}
+    assert ra("probability=0.5") == {"r2", "r3"}          # [0.45, 0.55): 0.549 too
+    assert ra("probability=0.50") == {"r2"}               # [0.495, 0.505)
+    assert ra("probability=ne0.5") == {"r1", "r4"}
+    assert ra("probability=ap0.9") == {"r4"}              # 0.9 +- 10 %
+    assert ra("probability=sa0.9") == {"r4"} and ra("probability=eb0.06") == {"r1"}
+    assert ra("probability=lt0.1,gt0.9") == {"r1", "r4"}  # comma = OR
+    assert ra("probability=gt0.1&probability=lt0.9") == {"r2", "r3"}  # repeated = AND
+    assert ra("risk=high") == {"r4"}
+    assert ra("risk=http://terminology.hl7.org/CodeSystem/risk-probability|moderate") == {"r2", "r3"}
+    assert ra("subject=Patient/p1&risk=http://terminology.hl7.org/CodeSystem/risk-probability|moderate"
+              "&probability=gt0.52") == {"r3"}
+    assert ra("performer=Device/model-b") == {"r4"} and ra("performer:missing=true") == set()
+
+    o = lambda q: _ids(store, "Observation", q)
+    assert o("value-quantity=gt120") == {"hr121", "hr1205"}
+    assert o("value-quantity=120") == {"glu"}              # [119.5, 120.5): 120.5 is outside
+    assert o("value-quantity=120.5") == {"hr1205"}
+    assert o(f"value-quantity=120|{UCUM}|mg/dL") == {"glu"}
+    assert o("value-quantity=ge80|http://unitsofmeasure.org|/min") == {"hr80", "hr121", "hr1205"}
+    assert o("value-quantity=99||beats/min") == {"nocode"}  # code or unit
+    assert o("value-quantity=le100||/min") == {"hr80"}
+    assert o(f"code={LOINC}|{HR}&value-quantity=gt100") == {"hr121", "hr1205"}  # token-driven plan
+    assert o("value-quantity=1e2") == {"hr80", "hr121", "hr1205", "glu", "nocode"}  # one significant figure: [50, 150)
+
+    # a new version replaces the old version's rows
+    store.upsert_many([obs("hr80", value=130.0), risk("r4", 0.2, "low", patient="p2", performer="Device/model-b")])
+    assert o("value-quantity=gt125") == {"hr80"} and o("value-quantity=80") == set()
+    assert ra("risk=high") == set() and ra("probability=0.2") == {"r4"}
+
+
+@pytest.mark.parametrize("query, why", [
+    ("probability=high", "is not a number"), ("probability=gt", "is not a number"),
+    ("probability=0x10", "is not a number"), ("probability=1.", "is not a number"),
+    ("probability=zz0.5", "is not a number"), ("value-quantity=5|a", "is not a quantity"),
+    ("value-quantity=5|a|b|c", "is not a quantity"), ("value-quantity=5|http://unitsofmeasure.org|", "no code"),
+])
+def test_bad_number_or_quantity_is_refused(query, why):
+    import urllib.parse
+
+    from vigil_gateway.outcomes import FhirError
+    from vigil_gateway.search_params import parse_search
+
+    rtype = "RiskAssessment" if query.startswith("probability") else "Observation"
+    with pytest.raises(FhirError, match=why) as e:
+        parse_search(rtype, urllib.parse.parse_qsl(query))
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def test_upgrade_to_schema_5_indexes_new_parameters_of_stored_resources(dialect, request, tmp_path, monkeypatch):
+    """Resources stored before 0005 become searchable by value-quantity, risk, probability and performer
+    when the store migrates (reindex_params), without duplicating the index rows they had."""
+    import orjson
+    from vigil_gateway import migrate as migrate_mod
+    from vigil_gateway import postgres_store, sqlite_store
+
+    url = f"sqlite:///{tmp_path}/old.db" if dialect == "sqlite" else request.getfixturevalue("fresh_postgres_url")
+    first_four = lambda d: migrate_mod.migration_files(d)[:4]
+    monkeypatch.setattr(sqlite_store, "migration_files", first_four)
+    monkeypatch.setattr(postgres_store, "migration_files", first_four)
+    old = build_store(url)
+    assert old.migrate() == 4
+    with _raw(old) as execute:
+        for n, body in enumerate((obs("old-hr", value=150.0), risk("old-ra", 0.95, "high"))):
+            body["meta"] = {"versionId": "1", "lastUpdated": "2026-01-01T11:00:00.000000Z"}
+            execute("INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
+                    "content_hash, body, created_seq) VALUES (?, ?, 1, '2026-01-01T11:00:00.000000Z', 'Patient/p1', "
+                    "'2026-01-01T10:00:00.000000Z', '2026-01-01T10:00:00.999999Z', 'x', ?, ?)",
+                    body["resourceType"], body["id"], orjson.dumps(body).decode(), n + 1)
+            execute("INSERT INTO idx_reference (resource_type, resource_id, param, target) VALUES (?, ?, 'subject', "
+                    "'Patient/p1')", body["resourceType"], body["id"])
+    old.close()
+    monkeypatch.undo()
+    new = build_store(url)
+    assert new.migrate() == 5
+    assert _ids(new, "Observation", "value-quantity=gt140") == {"old-hr"}
+    assert _ids(new, "RiskAssessment", "probability=gt0.9") == {"old-ra"}
+    assert _ids(new, "RiskAssessment", "risk=high") == {"old-ra"}
+    assert _ids(new, "RiskAssessment", "performer=Device/model-a") == {"old-ra"}
+    assert _ids(new, "RiskAssessment", "subject=Patient/p1") == {"old-ra"}  # untouched parameters still work
+    with _raw(new) as execute:
+        rows = execute("SELECT param, COUNT(*) FROM idx_reference WHERE resource_id='old-ra' GROUP BY param").fetchall()
+        assert dict(rows) == {"subject": 1, "performer": 1}  # subject not indexed twice
+        assert execute("SELECT COUNT(*) FROM reindex_params").fetchone()[0] == 0
+    assert new.migrate() == 5  # nothing pending any more
+    assert _ids(new, "Observation", "value-quantity=gt140") == {"old-hr"}
+    new.close()

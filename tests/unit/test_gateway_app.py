@@ -84,9 +84,12 @@ async def test_metadata(client):
     types = {res["type"]: res for res in cs["rest"][0]["resource"]}
     assert set(types) == {"Observation", "RiskAssessment", "Patient", "Encounter", "Device"}
     assert {"_id", "_lastUpdated", "subject", "patient", "code", "category", "date", "device", "status",
-            "encounter", "identifier"} == {p["name"] for p in types["Observation"]["searchParam"]}
-    assert {"subject", "patient", "date", "encounter", "identifier"} <= \
-        {p["name"] for p in types["RiskAssessment"]["searchParam"]}
+            "encounter", "identifier", "value-quantity"} == {p["name"] for p in types["Observation"]["searchParam"]}
+    assert {"_id", "_lastUpdated", "subject", "patient", "date", "encounter", "identifier", "method", "risk", "probability",
+            "performer"} == {p["name"] for p in types["RiskAssessment"]["searchParam"]}
+    kinds = {p["name"]: p["type"] for p in types["RiskAssessment"]["searchParam"]}
+    assert (kinds["probability"], kinds["risk"]) == ("number", "token")
+    assert {p["name"]: p["type"] for p in types["Observation"]["searchParam"]}["value-quantity"] == "quantity"
     assert [i["code"] for i in types["Observation"]["interaction"]] == \
         ["read", "vread", "history-instance", "history-type", "search-type"]
     assert {"create", "update"} <= {i["code"] for i in types["Patient"]["interaction"]}
@@ -213,6 +216,19 @@ async def test_search_forms(client):
     bundle = (await client.get("/fhir/RiskAssessment", params={"subject": "p1"})).json()
     Bundle.model_validate(bundle)
     RiskAssessment.model_validate(bundle["entry"][0]["resource"])
+
+    # number and quantity parameters over HTTP; a value that is not a number is an OperationOutcome
+    assert (await ids("/fhir/Observation", **{"value-quantity": "gt79|http://unitsofmeasure.org|/min",
+                                              "subject": "p2"})) == (1, ["other"])
+    assert (await ids("/fhir/Observation", **{"value-quantity": "lt79"})) == (0, [])
+    assert (await ids("/fhir/RiskAssessment", probability="0.12", subject="p2")) == (1, ["ra-2"])
+    assert (await ids("/fhir/RiskAssessment", probability="gt0.2")) == (0, [])
+    outcome = assert_outcome(await client.get("/fhir/RiskAssessment", params={"probability": "high"}), 400,
+                             "invalid")
+    assert "probability: 'high' is not a number" in outcome["issue"][0]["diagnostics"]
+    assert_outcome(await client.get("/fhir/Observation", params={"value-quantity": "5|sys|"}), 400, "invalid")
+    assert_outcome(await client.get("/fhir/RiskAssessment", params={"probability:exact": "0.1"},
+                                    headers={"Prefer": "handling=strict"}), 400, "not-supported")
 
 
 async def test_errors_are_operation_outcomes(client):

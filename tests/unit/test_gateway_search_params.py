@@ -110,3 +110,46 @@ def test_date_values(value, prefix, low, high):
     from vigil_gateway.store import DateValue
     (f,) = parse_search("Observation", [("date", value)]).query.filters
     assert f.values == (DateValue(prefix, low, high),)
+
+
+@pytest.mark.parametrize("value, prefix, number, low, high", [
+    ("100", "eq", 100.0, 99.5, 100.5), ("100.00", "eq", 100.0, 99.995, 100.005), ("gt0.5", "gt", 0.5, 0.45, 0.55),
+    ("1e2", "eq", 100.0, 50.0, 150.0), ("-1.5", "eq", -1.5, -1.55, -1.45), ("ap0", "ap", 0.0, -0.5, 0.5),
+    ("le2E-1", "le", 0.2, 0.15, 0.25),
+])
+def test_number_values(value, prefix, number, low, high):
+    from vigil_gateway.search_params import parse_number
+
+    got = parse_number("probability", value)
+    assert (got.prefix, got.system, got.code) == (prefix, None, None)
+    assert got.value == pytest.approx(number) and got.low == pytest.approx(low) and got.high == pytest.approx(high)
+
+
+def test_quantity_values():
+    from vigil_gateway.search_params import parse_quantity
+
+    q = parse_quantity("value-quantity", "ge130|http://unitsofmeasure.org|/min")
+    assert (q.prefix, q.value, q.system, q.code) == ("ge", 130.0, "http://unitsofmeasure.org", "/min")
+    q = parse_quantity("value-quantity", "5.4||mg")
+    assert (q.system, q.code, q.low, q.high) == ("", "mg", pytest.approx(5.35), pytest.approx(5.45))
+    assert parse_quantity("value-quantity", "7").code is None
+
+
+def test_golden_resources_are_searchable_by_the_new_parameters():
+    """What the worker and ingest publish (the golden files) yields risk, probability, performer and
+    value-quantity index rows."""
+    import json
+    import pathlib
+
+    from vigil_gateway.fhirindex import index_rows
+
+    golden = pathlib.Path(__file__).parents[1] / "golden"
+    high = index_rows(json.loads((golden / "riskassessment-high.json").read_text()))
+    assert ("risk", "http://terminology.hl7.org/CodeSystem/risk-probability", "high") in high.tokens
+    [prob] = [q for q in high.quantities if q[0] == "probability"]
+    assert 0.0 <= prob[1] <= 1.0 and prob[2:] == ("", "", "")
+    assert any(p == "performer" and t.startswith("Device/") for p, t in high.refs)
+    temp = index_rows(json.loads((golden / "observation-body-temperature-degF.json").read_text()))
+    assert temp.quantities == [("value-quantity", 38.0, "http://unitsofmeasure.org", "Cel", "Cel")]
+    panel = index_rows(json.loads((golden / "observation-blood-pressure-panel.json").read_text()))
+    assert panel.quantities == []  # a panel's values are in its components (component-value-quantity: not indexed)

@@ -30,7 +30,7 @@ def test_url_parsing_and_parent_dir(tmp_path):
     store.close()
     # reopening keeps data and the schema version
     store = build_store(f"sqlite:///{tmp_path}/a/b/c.db")
-    assert store.migrate() == 4
+    assert store.migrate() == 5
     store.close()
 
 

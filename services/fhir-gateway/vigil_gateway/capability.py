@@ -15,6 +15,10 @@ _DOCS = {
     "reference": "Type/id or id; comma = OR; modifiers :missing and :[type]",
     "date": "prefixes eq ne lt gt le ge sa eb ap; partial dates (YYYY, YYYY-MM, YYYY-MM-DD); :missing",
     "string": "starts with, case and accent insensitive; modifiers :exact, :contains, :missing",
+    "number": "prefixes eq ne lt gt le ge sa eb ap; eq/ne/ap use the value's precision (0.5 = [0.45, 0.55)); "
+              ":missing",
+    "quantity": "[prefix]number, [prefix]number|system|code or [prefix]number||code (code or unit); "
+                "no unit conversion; comma = OR; :missing",
 }
 
 

@@ -2,7 +2,8 @@
 
 Search parameters follow the R4 definitions (https://hl7.org/fhir/R4/searchparameter-registry.html):
 each is a token, reference, date or string parameter with a FHIRPath-like extractor written by hand.
-Index rows go to the idx_token, idx_reference, idx_date and idx_string tables (migration 0002).
+Index rows go to the idx_token, idx_reference, idx_date and idx_string tables (migration 0002) and,
+for number and quantity parameters, idx_quantity (migration 0005).
 Dates are stored as inclusive UTC ranges [low, high] with microsecond precision, so partial dates
 (2024, 2024-05) and periods compare correctly with every search prefix.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def format_utc(t: dt.datetime) -> str:
@@ -33,7 +35,7 @@ def normalise_reference(ref: str, default_type: str = "Patient") -> str:
 @dataclass(frozen=True, slots=True)
 class Param:
     name: str
-    kind: str  # token | reference | date | string
+    kind: str  # token | reference | date | string | number | quantity
     extract: Callable[[dict], list]
     definition: str
     targets: tuple[str, ...] = ()  # reference params: allowed target types (first = default for bare ids)
@@ -133,6 +135,48 @@ def _code_token(key: str) -> Callable[[dict], list]:
     return extract
 
 
+def _nested_cc_tokens(key: str, inner: str) -> Callable[[dict], list]:
+    """CodeableConcepts one level down (e.g. RiskAssessment.prediction.qualitativeRisk) -> [(system, code)]."""
+    flat = _cc_tokens(inner)
+
+    def extract(r: dict) -> list:
+        return [t for item in _list(r.get(key)) if isinstance(item, dict) for t in flat(item)]
+    return extract
+
+
+def _finite(v) -> float | None:
+    """A JSON number as float; None for anything else (booleans, strings, NaN/inf)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _prediction_probability(r: dict) -> list:
+    """RiskAssessment.prediction.probabilityDecimal -> [(value, '', '', '')] (a probabilityRange is not a
+    number: https://hl7.org/fhir/R4/riskassessment.html#search, `probability`)."""
+    out = []
+    for pred in _list(r.get("prediction")):
+        if isinstance(pred, dict):
+            v = _finite(pred.get("probabilityDecimal"))
+            if v is not None:
+                out.append((v, "", "", ""))
+    return out
+
+
+def _quantity(key: str) -> Callable[[dict], list]:
+    """A Quantity element -> [(value, system, code, unit)] ('' for what it does not have)."""
+    def extract(r: dict) -> list:
+        q = r.get(key)
+        if not isinstance(q, dict):
+            return []
+        v = _finite(q.get("value"))
+        if v is None:
+            return []
+        return [(v, *(q.get(k) if isinstance(q.get(k), str) else "" for k in ("system", "code", "unit")))]
+    return extract
+
+
 def _identifier_tokens(r: dict) -> list:
     return [(i.get("system") if isinstance(i.get("system"), str) else "", i["value"])
             for i in _list(r.get("identifier")) if isinstance(i, dict) and isinstance(i.get("value"), str)]
@@ -205,6 +249,7 @@ SEARCH_PARAMS: dict[str, dict[str, Param]] = {
         _p("encounter", "reference", _refs("encounter"), "clinical-encounter", ("Encounter",)),
         _p("device", "reference", _refs("device"), "Observation-device", ("Device",)),
         _p("date", "date", _date_of("effectiveDateTime", "effectiveInstant", "effectivePeriod"), "clinical-date"),
+        _p("value-quantity", "quantity", _quantity("valueQuantity"), "Observation-value-quantity"),
     )},
     "RiskAssessment": {p.name: p for p in (
         _p("identifier", "token", _identifier_tokens, "RiskAssessment-identifier"),
@@ -213,6 +258,10 @@ SEARCH_PARAMS: dict[str, dict[str, Param]] = {
         _p("patient", "reference", _refs("subject", "Patient"), "clinical-patient", ("Patient",)),
         _p("encounter", "reference", _refs("encounter"), "clinical-encounter", ("Encounter",)),
         _p("date", "date", _date_of("occurrenceDateTime", "occurrencePeriod"), "clinical-date"),
+        _p("risk", "token", _nested_cc_tokens("prediction", "qualitativeRisk"), "RiskAssessment-risk"),
+        _p("probability", "number", _prediction_probability, "RiskAssessment-probability"),
+        _p("performer", "reference", _refs("performer"), "RiskAssessment-performer",
+           ("Device", "Practitioner", "PractitionerRole")),
     )},
     "Encounter": {p.name: p for p in (
         _p("identifier", "token", _identifier_tokens, "clinical-identifier"),
@@ -254,11 +303,12 @@ class IndexRows:
     refs: list[tuple[str, str]]             # (param, target)
     dates: list[tuple[str, str, str]]       # (param, low, high)
     strings: list[tuple[str, str, str]]     # (param, normalised, exact)
+    quantities: list[tuple[str, float, str, str, str]] = field(default_factory=list)  # (param, value, system, code, unit)
 
 
 def index_rows(resource: dict) -> IndexRows:
     params = SEARCH_PARAMS.get(resource.get("resourceType"), {})
-    tokens, refs, dates, strings = [], [], [], []
+    tokens, refs, dates, strings, quantities = [], [], [], [], []
     for p in params.values():
         try:
             values = p.extract(resource)
@@ -277,9 +327,11 @@ def index_rows(resource: dict) -> IndexRows:
                 dates.append((p.name, v[0], v[1]))
             elif p.kind == "string":
                 strings.append((p.name, normalise_string(v), v))
+            elif p.kind in ("number", "quantity"):
+                quantities.append((p.name, *v))
     subject = None
     pref = _PATIENT_REF.get(resource.get("resourceType"))
     if pref:
         subject = next((t for n, t in refs if n == pref), None)
     date = next(((lo, hi) for n, lo, hi in dates if n == "date"), None)
-    return IndexRows(subject, date, tokens, refs, dates, strings)
+    return IndexRows(subject, date, tokens, refs, dates, strings, quantities)

@@ -24,6 +24,7 @@ from psycopg.types.string import ByteaBinaryLoader
 
 from vigil_gateway.migrate import SCHEMA_VERSION_DDL, migration_files
 from vigil_gateway.store import (
+    INDEX_TABLES,
     SearchQuery,
     SearchResult,
     SqlStore,
@@ -103,6 +104,8 @@ class PostgresStore(SqlStore):
                 version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
         if version >= 2:
             self._reindex_if_pending()
+        if version >= 5:
+            self._reindex_params()
         return version
 
     # --- SqlStore hooks -----------------------------------------------------------------------
@@ -287,7 +290,7 @@ class PostgresStore(SqlStore):
 
     def _delete_index(self, tx, keys: list[tuple[str, str]]) -> None:
         types, ids = [k[0] for k in keys], [k[1] for k in keys]
-        for table in ("idx_token", "idx_reference", "idx_date", "idx_string"):
+        for table in INDEX_TABLES:
             tx.q(f"DELETE FROM {table} x USING unnest(?::text[], ?::text[]) AS k(t, i) "
                  "WHERE x.resource_type=k.t AND x.resource_id=k.i", [types, ids])
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from vigil.ids import is_fhir_id
 from vigil_gateway.fhirindex import SEARCH_PARAMS as PARAMS
 from vigil_gateway.fhirindex import date_range, normalise_reference
 from vigil_gateway.outcomes import FhirError
-from vigil_gateway.store import DateValue, Filter, SearchQuery, TokenFilter
+from vigil_gateway.store import DateValue, Filter, NumberValue, SearchQuery, TokenFilter
 
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
@@ -29,6 +30,8 @@ PAGING_PARAMS = ("_offset", "_snapshot")
 SORT_KEYS = ("_id", "_lastUpdated", "date")
 DATE_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
 _PREFIX = re.compile(r"^(eq|ne|lt|gt|le|ge|sa|eb|ap)?(\d.*)$")
+# a FHIR decimal (https://hl7.org/fhir/R4/datatypes.html#decimal) after an optional prefix
+_NUMBER = re.compile(r"^(eq|ne|lt|gt|le|ge|sa|eb|ap)?(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)$")
 
 
 @dataclass
@@ -74,6 +77,35 @@ def parse_date(name: str, value: str) -> DateValue:
     if rng is None:
         raise FhirError(400, "invalid", f"{name}: {value!r} is not a date (prefix + YYYY[-MM[-DD[Thh:mm[:ss]]]][Z])")
     return DateValue(m.group(1) or "eq", rng[0], rng[1])
+
+
+def parse_number(name: str, value: str) -> NumberValue:
+    """[prefix]decimal -> NumberValue with the range its precision implies: 100 -> [99.5, 100.5),
+    100.00 -> [99.995, 100.005), 1e2 (one significant figure) -> [50, 150)
+    (https://hl7.org/fhir/R4/search.html#number)."""
+    m = _NUMBER.match(value)
+    if not m:
+        raise FhirError(400, "invalid", f"{name}: {value!r} is not a number ([prefix]decimal, e.g. gt0.5; "
+                                        "prefixes eq ne lt gt le ge sa eb ap)")
+    d = Decimal(m.group(2))
+    half = Decimal(5).scaleb(d.as_tuple().exponent - 1)
+    return NumberValue(m.group(1) or "eq", float(d), float(d - half), float(d + half))
+
+
+def parse_quantity(name: str, value: str) -> NumberValue:
+    """[prefix]number, [prefix]number|system|code or [prefix]number||code
+    (https://hl7.org/fhir/R4/search.html#quantity); `value` is one comma-separated part, as parse_token's."""
+    parts = _split(value, sep="|")
+    if len(parts) not in (1, 3):
+        raise FhirError(400, "invalid", f"{name}: {value!r} is not a quantity ([prefix]number, "
+                                        "[prefix]number|system|code or [prefix]number||code)")
+    number = parse_number(name, parts[0])
+    if len(parts) == 1:
+        return number
+    system, code = parts[1], parts[2]
+    if not code:
+        raise FhirError(400, "invalid", f"{name}: {value!r} has a system but no code")
+    return NumberValue(number.prefix, number.value, number.low, number.high, system, code)
 
 
 def non_negative_int(name: str, value: str, maximum: int) -> int:
@@ -238,6 +270,12 @@ def parse_search(resource_type: str, items: list[tuple[str, str]], *, strict: bo
                 unknown(name, f"modifier :{modifier} is not supported on date parameter {base}")
                 continue
             filters.append(Filter(base, None, tuple(parse_date(base, v) for v in _split(value))))
+        elif p.kind in ("number", "quantity"):
+            if modifier is not None:
+                unknown(name, f"modifier :{modifier} is not supported on {p.kind} parameter {base}")
+                continue
+            parse = parse_number if p.kind == "number" else parse_quantity
+            filters.append(Filter(base, None, tuple(parse(base, v) for v in _split(value, keep="|\\"))))
         elif p.kind == "string":
             if modifier not in (None, "exact", "contains"):
                 unknown(name, f"modifier :{modifier} is not supported on string parameter {base}")

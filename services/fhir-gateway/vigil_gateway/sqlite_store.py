@@ -97,6 +97,8 @@ class SqliteStore(SqlStore):
             version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
         if version >= 2:
             self._reindex_if_pending()
+        if version >= 5:
+            self._reindex_params()
         return version
 
     # --- SqlStore hooks -----------------------------------------------------------------------

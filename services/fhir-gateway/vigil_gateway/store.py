@@ -12,7 +12,7 @@ rewritten to `%s` for psycopg). Versioning rules (https://hl7.org/fhir/R4/http.h
   resource_history (vread, _history).
 
 Search (https://hl7.org/fhir/R4/search.html) runs on the index tables of migration 0002
-(idx_token, idx_reference, idx_date, idx_string; see fhirindex.py). A search whose filters include
+(idx_token, idx_reference, idx_date, idx_string, idx_quantity; see fhirindex.py). A search whose filters include
 one exact token (system|code) is driven from idx_token, with the patient reference and the `date`
 range denormalised on the token row, so `Observation?subject=X&code=S|C&date=ge...` is a single
 index range scan in index order (no sort, no table scan); since migration 0003 that index also carries
@@ -102,12 +102,28 @@ class DateValue:
 
 
 @dataclass(frozen=True, slots=True)
+class NumberValue:
+    """A number or quantity search value (https://hl7.org/fhir/R4/search.html#number, #quantity): the
+    prefix, the number, the range its precision implies, [low, high) (100 -> [99.5, 100.5)), and for a
+    quantity the unit: system and code (system '' = the `number||code` form, code matching code or
+    unit; both None = any unit)."""
+
+    prefix: str  # eq ne lt gt le ge sa eb ap
+    value: float
+    low: float
+    high: float
+    system: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Filter:
     """One search parameter occurrence: values are OR-ed; filters are AND-ed.
 
     name: a Param name of the type, or `_id` / `_lastUpdated`. modifier: None, 'missing', 'not',
     'exact', 'contains', or a resource type (reference type modifier, already applied to values).
-    values: TokenFilter (token), 'Type/id' (reference), DateValue (date), str (string, _id), bool (missing).
+    values: TokenFilter (token), 'Type/id' (reference), DateValue (date), str (string, _id), NumberValue
+    (number, quantity), bool (missing).
     """
 
     name: str
@@ -441,6 +457,30 @@ def _date_sql(lo: str, hi: str, v: DateValue, now: dt.datetime) -> tuple[str, li
     raise ValueError(f"unknown date prefix {p!r}")
 
 
+def _number_sql(col: str, v: NumberValue) -> tuple[str, list]:
+    """A stored value (an exact number) against a search value: eq, ne and ap use the search value's
+    implied range (ap widened to +-10 % of it); the other prefixes compare with the number itself, as
+    R4 says for prefixes other than eq/ne/ap; for a single stored value sa is gt and eb is lt."""
+    p = v.prefix
+    if p == "eq":
+        return f"({col} >= ? AND {col} < ?)", [v.low, v.high]
+    if p == "ne":
+        return f"({col} < ? OR {col} >= ?)", [v.low, v.high]
+    if p == "ap":
+        spread = abs(v.value) * 0.1
+        return f"({col} >= ? AND {col} <= ?)", [min(v.low, v.value - spread), max(v.high, v.value + spread)]
+    op = {"gt": ">", "sa": ">", "lt": "<", "eb": "<", "ge": ">=", "le": "<="}[p]
+    return f"{col} {op} ?", [v.value]
+
+
+def _unit_sql(alias: str, v: NumberValue) -> tuple[str, list]:
+    if v.code is None:
+        return "", []
+    if v.system:
+        return f" AND {alias}.system=? AND {alias}.code=?", [v.system, v.code]
+    return f" AND ({alias}.code=? OR {alias}.unit=?)", [v.code, v.code]
+
+
 def _token_match(alias: str, t: TokenFilter) -> tuple[str, list]:
     parts, params = [], []
     if t.code is not None:
@@ -452,7 +492,9 @@ def _token_match(alias: str, t: TokenFilter) -> tuple[str, list]:
     return "(" + " AND ".join(parts or ["1=1"]) + ")", params
 
 
-_IDX_TABLE = {"token": "idx_token", "reference": "idx_reference", "date": "idx_date", "string": "idx_string"}
+_IDX_TABLE = {"token": "idx_token", "reference": "idx_reference", "date": "idx_date", "string": "idx_string",
+              "number": "idx_quantity", "quantity": "idx_quantity"}
+INDEX_TABLES = ("idx_token", "idx_reference", "idx_date", "idx_string", "idx_quantity")
 
 
 class _SqlBuilder:
@@ -607,6 +649,14 @@ class _SqlBuilder:
                 self.args += args
             else:
                 self._in(base + " AND " + cond, base_args + args)
+        elif p.kind in ("number", "quantity"):
+            ors, args = [], []
+            for v in f.values:
+                sql, a = _number_sql("x.value", v)
+                unit, ua = _unit_sql("x", v)
+                ors.append(f"({sql}{unit})")
+                args += a + ua
+            self._in(base + " AND (" + " OR ".join(ors) + ")", base_args + args)
         elif p.kind == "string":
             ors, args = [], []
             for s in f.values:
@@ -708,11 +758,11 @@ class SqlStore:
             tx.many(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", values)
 
     def _delete_index(self, tx, keys: list[tuple[str, str]]) -> None:
-        for table in ("idx_token", "idx_reference", "idx_date", "idx_string"):
+        for table in INDEX_TABLES:
             tx.many(f"DELETE FROM {table} WHERE resource_type=? AND resource_id=?", keys)
 
     def _insert_index(self, tx, rows: list[PreparedRow]) -> None:
-        toks, refs, dates, strs = [], [], [], []
+        toks, refs, dates, strs, qtys = [], [], [], [], []
         for r in rows:
             ix = r.index
             rt, rid = r.resource_type, r.id
@@ -722,11 +772,14 @@ class SqlStore:
             # the resource's own `date` is resources.date/date_high (searched there): no idx_date row
             dates += [(rt, rid, p, a, b) for p, a, b in ix.dates if p != "date"]
             strs += [(rt, rid, p, n, e) for p, n, e in ix.strings]
+            qtys += [(rt, rid, *q) for q in ix.quantities]
         self._append(tx, "idx_token", ("resource_type", "resource_id", "param", "system", "value", "subject",
                                        "date_low", "date_high"), toks)
         self._append(tx, "idx_reference", ("resource_type", "resource_id", "param", "target"), refs)
         self._append(tx, "idx_date", ("resource_type", "resource_id", "param", "low", "high"), dates)
         self._append(tx, "idx_string", ("resource_type", "resource_id", "param", "norm", "exact"), strs)
+        self._append(tx, "idx_quantity", ("resource_type", "resource_id", "param", "value", "system", "code", "unit"),
+                     qtys)
 
     def upsert_many(self, resources: list[dict], *, stale_guard: bool = False, bulk: bool = False,
                     prepared: list[Prepared] | None = None) -> UpsertCounts:
@@ -815,6 +868,34 @@ class SqlStore:
                      for p, s in zip(prepared, seqs, strict=True)])
             self._insert_index(tx, prepared)
             tx.q("DELETE FROM reindex_pending")
+
+    def _reindex_params(self) -> None:
+        """After a migration that added search parameters to stored types (reindex_params, 0005 on):
+        the index rows of those parameters for the resources already stored, read in id order 2000
+        at a time, in one transaction (a crash leaves reindex_params set: the next start redoes it)."""
+        with self._write_tx() as tx:
+            pending = tx.q("SELECT resource_type, param FROM reindex_params")
+            if not pending:
+                return
+            by_type: dict[str, set[str]] = {}
+            for rt, param in pending:
+                by_type.setdefault(rt, set()).add(param)
+            for rt, params in sorted(by_type.items()):
+                for table in INDEX_TABLES:
+                    tx.many(f"DELETE FROM {table} WHERE resource_type=? AND param=?", [(rt, p) for p in sorted(params)])
+                last = ""
+                while rows := tx.q(f"SELECT r.id, {self.body_col} FROM resources r WHERE r.resource_type=? "
+                                   "AND r.id > ? ORDER BY r.id LIMIT 2000", [rt, last]):
+                    prepared = []
+                    for rid, body in rows:
+                        ix = index_rows(self._decode(body))
+                        only = IndexRows(ix.subject, ix.date, *([row for row in rows_ if row[0] in params]
+                                                                for rows_ in (ix.tokens, ix.refs, ix.dates,
+                                                                              ix.strings, ix.quantities)))
+                        prepared.append(PreparedRow(rt, rid, 0, "", "", {}, only, False))
+                    self._insert_index(tx, prepared)
+                    last = rows[-1][0]
+            tx.q("DELETE FROM reindex_params")
 
     # --- reads ------------------------------------------------------------------------------------
 
