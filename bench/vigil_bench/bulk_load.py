@@ -430,7 +430,7 @@ def learn_templates(db: _Db, store, plan: Plan) -> list[Template]:
                     elif name == "content_hash":
                         out.append(Column(name, "hash", _split(canonical, marks)))
                     elif isinstance(v, float) and (num := _number_marker(v, marks)) is not None:
-                        out.append(Column(name, "num", [(num,)]))  # idx_quantity.value
+                        out.append(Column(name, "num", [(num,)]))  # resources.value_num, idx_quantity.value
                     elif isinstance(v, str):
                         parts = _split(v, all_marks)
                         out.append(Column(name, typ if typ in ("json", "jsonb") else "text", parts)
@@ -779,7 +779,7 @@ def verify_sample(url: str, plan: Plan, n: int = 20, seed: int = 3) -> int:
     """Read `n` random loaded resources and check them against the normal write path's rules: the
     body equals the resource the pipeline would have published (`resources`), content_hash is the
     store's hash of it, and the index rows are exactly `fhirindex.index_rows` of it. Returns n checked."""
-    from vigil_gateway.fhirindex import index_rows
+    from vigil_gateway.fhirindex import index_rows, quantity_rows
     from vigil_gateway.store import content_hash
 
     rng = random.Random(seed)
@@ -791,8 +791,9 @@ def verify_sample(url: str, plan: Plan, n: int = 20, seed: int = 3) -> int:
             h = plan.starts[p] + rng.randrange(plan.lengths[p])
             for want in patient_hour_resources(plan, p, h):
                 body_col = "body::text" if db.pg else "body"
-                got = db.q(f"SELECT {body_col}, content_hash, subject, date, date_high FROM resources "
-                           "WHERE resource_type=? AND id=?", [want["resourceType"], want["id"]])
+                got = db.q(f"SELECT {body_col}, content_hash, subject, date, date_high, value_num, value_system, "
+                           "value_code, value_unit FROM resources WHERE resource_type=? AND id=?",
+                           [want["resourceType"], want["id"]])
                 if not got:
                     raise AssertionError(f"{want['resourceType']}/{want['id']} not loaded")
                 body = json.loads(got[0][0])
@@ -804,6 +805,8 @@ def verify_sample(url: str, plan: Plan, n: int = 20, seed: int = 3) -> int:
                 ix = index_rows(body)
                 if (got[0][2], (got[0][3], got[0][4])) != (ix.subject, ix.date):
                     raise AssertionError(f"{want['id']}: subject/date columns differ")
+                if tuple(got[0][5:9]) != (ix.value or (None,) * 4):
+                    raise AssertionError(f"{want['id']}: value columns differ")
                 toks = db.q("SELECT param, system, value, subject, date_low, date_high FROM idx_token "
                             "WHERE resource_type=? AND resource_id=?", [want["resourceType"], want["id"]])
                 lo, hi = ix.date or (None, None)
@@ -815,7 +818,7 @@ def verify_sample(url: str, plan: Plan, n: int = 20, seed: int = 3) -> int:
                     raise AssertionError(f"{want['id']}: idx_reference rows differ")
                 qtys = db.q("SELECT param, value, system, code, unit FROM idx_quantity WHERE resource_type=? "
                             "AND resource_id=?", [want["resourceType"], want["id"]])
-                if sorted(qtys) != sorted(ix.quantities):
+                if sorted(qtys) != sorted(quantity_rows(want["resourceType"], ix)):
                     raise AssertionError(f"{want['id']}: idx_quantity rows differ")
                 checked += 1
         return checked

@@ -121,6 +121,23 @@ def test_replayed_stays_come_back_as_risk_assessments(pipeline, keycloak):
         assert r.status_code == 200 and r.json()["total"] > 0
         assert all(e["resource"]["code"]["coding"][0]["code"] == "8867-4" for e in r.json()["entry"])
 
+        # The EHR's alert queries on the live assessments: by qualitativeRisk and by probability.
+        def ids(**params) -> dict[str, dict]:
+            r = client.get(f"{base}/RiskAssessment", params={"subject": stem, "method": "vigil-sepsis",
+                                                            "_count": 1000, **params}, headers=auth)
+            assert r.status_code == 200, r.text
+            return {e["resource"]["id"]: e["resource"]["prediction"][0] for e in r.json().get("entry", [])}
+
+        every = ids()
+        assert len(every) == expected[stem]
+        high = {i for i, p in every.items() if p["qualitativeRisk"]["coding"][0]["code"] == "high"}
+        assert set(ids(risk="high")) == high
+        assert set(ids(risk="http://terminology.hl7.org/CodeSystem/risk-probability|low")) == \
+            {i for i, p in every.items() if p["qualitativeRisk"]["coding"][0]["code"] == "low"}
+        cut = f"{sorted(p['probabilityDecimal'] for p in every.values())[len(every) // 2]:.6f}"
+        above = {i for i, p in every.items() if p["probabilityDecimal"] > float(cut)}
+        assert set(ids(probability=f"gt{cut}")) == above and 0 < len(above) < len(every)
+
         # The EHR's writes are there, and the rule-based NEWS2 model scored the same stay.
         r = client.get(f"{base}/Patient/{stem}", headers=auth)
         assert r.status_code == 200

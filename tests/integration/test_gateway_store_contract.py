@@ -259,8 +259,11 @@ def test_number_and_quantity_search(store):
     mgdl["valueQuantity"] = {"value": 120.0, "unit": "mg/dL", "system": UCUM, "code": "mg/dL"}
     no_code = obs("nocode", value=99.0)
     no_code["valueQuantity"] = {"value": 99.0, "unit": "beats/min"}
+    no_value = obs("novalue")
+    del no_value["valueQuantity"]
+    no_value["dataAbsentReason"] = {"text": "sensor off"}
     store.upsert_many([obs("hr80", value=80.0), obs("hr121", value=121.0), obs("hr1205", value=120.5),
-                       mgdl, no_code])
+                       mgdl, no_code, no_value])
 
     ra = lambda q: _ids(store, "RiskAssessment", q)
     assert ra("probability=gt0.5") == {"r3", "r4"}
@@ -289,6 +292,10 @@ def test_number_and_quantity_search(store):
     assert o("value-quantity=le100||/min") == {"hr80"}
     assert o(f"code={LOINC}|{HR}&value-quantity=gt100") == {"hr121", "hr1205"}  # token-driven plan
     assert o("value-quantity=1e2") == {"hr80", "hr121", "hr1205", "glu", "nocode"}  # one significant figure: [50, 150)
+    assert o("value-quantity:missing=true") == {"novalue"}
+    assert o("value-quantity:missing=false&value-quantity=lt100") == {"hr80", "nocode"}
+    assert o("value-quantity=lt100,gt121") == {"hr80", "nocode"}
+    assert o("subject=Patient/p1&value-quantity=ne80") == {"hr121", "hr1205", "glu", "nocode"}
 
     # a new version replaces the old version's rows
     store.upsert_many([obs("hr80", value=130.0), risk("r4", 0.2, "low", patient="p2", performer="Device/model-b")])
@@ -350,6 +357,10 @@ def test_upgrade_to_schema_5_indexes_new_parameters_of_stored_resources(dialect,
         rows = execute("SELECT param, COUNT(*) FROM idx_reference WHERE resource_id='old-ra' GROUP BY param").fetchall()
         assert dict(rows) == {"subject": 1, "performer": 1}  # subject not indexed twice
         assert execute("SELECT COUNT(*) FROM reindex_params").fetchone()[0] == 0
+        # an Observation's value is in its resources row, a RiskAssessment's probability in idx_quantity
+        assert execute("SELECT value_num, value_code FROM resources WHERE id='old-hr'").fetchone() == (150.0, "/min")
+        assert execute("SELECT resource_type, param, value FROM idx_quantity").fetchall() == \
+            [("RiskAssessment", "probability", 0.95)]
     assert new.migrate() == 5  # nothing pending any more
     assert _ids(new, "Observation", "value-quantity=gt140") == {"old-hr"}
     new.close()

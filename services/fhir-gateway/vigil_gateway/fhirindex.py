@@ -3,7 +3,8 @@
 Search parameters follow the R4 definitions (https://hl7.org/fhir/R4/searchparameter-registry.html):
 each is a token, reference, date or string parameter with a FHIRPath-like extractor written by hand.
 Index rows go to the idx_token, idx_reference, idx_date and idx_string tables (migration 0002) and,
-for number and quantity parameters, idx_quantity (migration 0005).
+for number parameters, idx_quantity (migration 0005). A resource's own single-valued `subject`, `date` and
+Observation `value-quantity` are columns of its resources row instead (RESOURCE_COLUMN_QUANTITY).
 Dates are stored as inclusive UTC ranges [low, high] with microsecond precision, so partial dates
 (2024, 2024-05) and periods compare correctly with every search prefix.
 """
@@ -290,6 +291,10 @@ SEARCH_PARAMS: dict[str, dict[str, Param]] = {
 WRITABLE_TYPES = ("Patient", "Encounter")
 SUPPORTED_TYPES = tuple(SEARCH_PARAMS)
 
+# the quantity parameter of an element that is 0..1 (Observation.value[x]): kept in the resources row's
+# value_* columns (IndexRows.value), searched there, no idx_quantity row
+RESOURCE_COLUMN_QUANTITY = {"Observation": "value-quantity"}
+
 # the reference whose target is the resource's patient (denormalised onto token rows for fast search)
 _PATIENT_REF = {"Observation": "subject", "RiskAssessment": "subject", "Encounter": "subject",
                 "Device": "patient"}
@@ -304,6 +309,13 @@ class IndexRows:
     dates: list[tuple[str, str, str]]       # (param, low, high)
     strings: list[tuple[str, str, str]]     # (param, normalised, exact)
     quantities: list[tuple[str, float, str, str, str]] = field(default_factory=list)  # (param, value, system, code, unit)
+    value: tuple[float, str, str, str] | None = None  # RESOURCE_COLUMN_QUANTITY's (value, system, code, unit)
+
+
+def quantity_rows(resource_type: str, ix: IndexRows) -> list[tuple[str, float, str, str, str]]:
+    """The idx_quantity rows of a resource: its number/quantity values but RESOURCE_COLUMN_QUANTITY's."""
+    own = RESOURCE_COLUMN_QUANTITY.get(resource_type)
+    return [q for q in ix.quantities if q[0] != own]
 
 
 def index_rows(resource: dict) -> IndexRows:
@@ -334,4 +346,6 @@ def index_rows(resource: dict) -> IndexRows:
     if pref:
         subject = next((t for n, t in refs if n == pref), None)
     date = next(((lo, hi) for n, lo, hi in dates if n == "date"), None)
-    return IndexRows(subject, date, tokens, refs, dates, strings, quantities)
+    own = RESOURCE_COLUMN_QUANTITY.get(resource.get("resourceType"))
+    value = next((q[1:] for q in quantities if q[0] == own), None) if own else None
+    return IndexRows(subject, date, tokens, refs, dates, strings, quantities, value)

@@ -254,7 +254,7 @@ class PostgresStore(SqlStore):
     # Batched writes: one round trip per table whatever the batch size (see SqlStore._apply).
 
     def _upsert_resources(self, tx, values: list[tuple], *, with_history: bool = False) -> bool:
-        """INSERT ... SELECT FROM unnest(arrays) ON CONFLICT: the batch as ten array parameters. With
+        """INSERT ... SELECT FROM unnest(arrays) ON CONFLICT: the batch as fourteen array parameters. With
         with_history, the history rows are inserted from its RETURNING rows in the same statement (each
         body is sent and checked as json once)."""
         if not values:
@@ -270,12 +270,15 @@ class PostgresStore(SqlStore):
         # %b: binary array parameters (text-format arrays escape every quote of every JSON body in Python)
         tx.cur.execute(
             head + "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
-            "content_hash, body, created_seq) "
-            "SELECT t, i, v, lu, s, d, dh, h, b::json, cs FROM unnest(?::text[], ?::text[], ?::int[], ?::text[], "
-            "?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bigint[]) AS u(t, i, v, lu, s, d, dh, h, b, cs) "
+            "content_hash, body, created_seq, value_num, value_system, value_code, value_unit) "
+            "SELECT t, i, v, lu, s, d, dh, h, b::json, cs, vn, vs, vc, vu FROM unnest(?::text[], ?::text[], "
+            "?::int[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::bigint[], "
+            "?::float8[], ?::text[], ?::text[], ?::text[]) AS u(t, i, v, lu, s, d, dh, h, b, cs, vn, vs, vc, vu) "
             "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
             "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
-            "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body"
+            "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body, "
+            "value_num=excluded.value_num, value_system=excluded.value_system, value_code=excluded.value_code, "
+            "value_unit=excluded.value_unit"
             .replace("?", "%b") + tail, [list(c) for c in cols])
         return with_history
 

@@ -35,6 +35,7 @@ import orjson
 
 from vigil.ids import is_fhir_id
 from vigil_gateway.fhirindex import (
+    RESOURCE_COLUMN_QUANTITY,
     SEARCH_PARAMS,
     WRITABLE_TYPES,
     IndexRows,
@@ -42,6 +43,7 @@ from vigil_gateway.fhirindex import (
     format_utc,
     index_rows,
     normalise_reference,
+    quantity_rows,
 )
 
 __all__ = [
@@ -473,12 +475,13 @@ def _number_sql(col: str, v: NumberValue) -> tuple[str, list]:
     return f"{col} {op} ?", [v.value]
 
 
-def _unit_sql(alias: str, v: NumberValue) -> tuple[str, list]:
+def _unit_sql(prefix: str, v: NumberValue) -> tuple[str, list]:
+    """The unit condition; `prefix` + system/code/unit are the columns ("x." or "r.value_")."""
     if v.code is None:
         return "", []
     if v.system:
-        return f" AND {alias}.system=? AND {alias}.code=?", [v.system, v.code]
-    return f" AND ({alias}.code=? OR {alias}.unit=?)", [v.code, v.code]
+        return f" AND {prefix}system=? AND {prefix}code=?", [v.system, v.code]
+    return f" AND ({prefix}code=? OR {prefix}unit=?)", [v.code, v.code]
 
 
 def _token_match(alias: str, t: TokenFilter) -> tuple[str, list]:
@@ -495,6 +498,7 @@ def _token_match(alias: str, t: TokenFilter) -> tuple[str, list]:
 _IDX_TABLE = {"token": "idx_token", "reference": "idx_reference", "date": "idx_date", "string": "idx_string",
               "number": "idx_quantity", "quantity": "idx_quantity"}
 INDEX_TABLES = ("idx_token", "idx_reference", "idx_date", "idx_string", "idx_quantity")
+_NO_VALUE = (None, None, None, None)  # resources.value_* of a resource without RESOURCE_COLUMN_QUANTITY
 
 
 class _SqlBuilder:
@@ -607,6 +611,10 @@ class _SqlBuilder:
                 self.where.append("r.date_high IS NULL" if f.values[0] else "r.date_high IS NOT NULL")
                 self.uses_r = True
                 return
+            if RESOURCE_COLUMN_QUANTITY.get(rt) == p.name:  # resources.value_num holds it
+                self.where.append("r.value_num IS NULL" if f.values[0] else "r.value_num IS NOT NULL")
+                self.uses_r = True
+                return
             self._in(base, base_args, negate=bool(f.values[0]))
             return
         if p.kind == "token":
@@ -650,13 +658,19 @@ class _SqlBuilder:
             else:
                 self._in(base + " AND " + cond, base_args + args)
         elif p.kind in ("number", "quantity"):
+            own = RESOURCE_COLUMN_QUANTITY.get(rt) == p.name  # the resources row's value_* columns
             ors, args = [], []
             for v in f.values:
-                sql, a = _number_sql("x.value", v)
-                unit, ua = _unit_sql("x", v)
+                sql, a = _number_sql("r.value_num" if own else "x.value", v)
+                unit, ua = _unit_sql("r.value_" if own else "x.", v)
                 ors.append(f"({sql}{unit})")
                 args += a + ua
-            self._in(base + " AND (" + " OR ".join(ors) + ")", base_args + args)
+            if own:
+                self.where.append("(" + " OR ".join(ors) + ")")
+                self.args += args
+                self.uses_r = True
+            else:
+                self._in(base + " AND (" + " OR ".join(ors) + ")", base_args + args)
         elif p.kind == "string":
             ors, args = [], []
             for s in f.values:
@@ -723,7 +737,8 @@ class SqlStore:
         done = self._upsert_resources(tx, [
             (r.resource_type, r.id, r.version_id, r.last_updated, r.index.subject,
              r.index.date[0] if r.index.date else None, r.index.date[1] if r.index.date else None,
-             r.content_hash, r.body_json(), next(seqs) if r.is_new else None) for r in rows],
+             r.content_hash, r.body_json(), next(seqs) if r.is_new else None,
+             *(r.index.value or _NO_VALUE)) for r in rows],
             with_history=with_history)
         if not done:
             self._append(tx, "resource_history",
@@ -739,10 +754,13 @@ class SqlStore:
 
     _UPSERT_RESOURCES = (
         "INSERT INTO resources (resource_type, id, version_id, last_updated, subject, date, date_high, "
-        "content_hash, body, created_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {jp}, ?) "
+        "content_hash, body, created_seq, value_num, value_system, value_code, value_unit) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, {jp}, ?, ?, ?, ?, ?) "
         "ON CONFLICT (resource_type, id) DO UPDATE SET version_id=excluded.version_id, "
         "last_updated=excluded.last_updated, subject=excluded.subject, date=excluded.date, "
-        "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body")
+        "date_high=excluded.date_high, content_hash=excluded.content_hash, body=excluded.body, "
+        "value_num=excluded.value_num, value_system=excluded.value_system, value_code=excluded.value_code, "
+        "value_unit=excluded.value_unit")
 
     def _upsert_resources(self, tx, values: list[tuple], *, with_history: bool = False) -> bool:
         """Insert or replace current versions (created_seq is None for rows that exist: not updated).
@@ -772,7 +790,7 @@ class SqlStore:
             # the resource's own `date` is resources.date/date_high (searched there): no idx_date row
             dates += [(rt, rid, p, a, b) for p, a, b in ix.dates if p != "date"]
             strs += [(rt, rid, p, n, e) for p, n, e in ix.strings]
-            qtys += [(rt, rid, *q) for q in ix.quantities]
+            qtys += [(rt, rid, *q) for q in quantity_rows(rt, ix)]  # value-quantity: resources.value_*
         self._append(tx, "idx_token", ("resource_type", "resource_id", "param", "system", "value", "subject",
                                        "date_low", "date_high"), toks)
         self._append(tx, "idx_reference", ("resource_type", "resource_id", "param", "target"), refs)
@@ -886,14 +904,20 @@ class SqlStore:
                 last = ""
                 while rows := tx.q(f"SELECT r.id, {self.body_col} FROM resources r WHERE r.resource_type=? "
                                    "AND r.id > ? ORDER BY r.id LIMIT 2000", [rt, last]):
-                    prepared = []
+                    prepared, values = [], []
                     for rid, body in rows:
                         ix = index_rows(self._decode(body))
                         only = IndexRows(ix.subject, ix.date, *([row for row in rows_ if row[0] in params]
                                                                 for rows_ in (ix.tokens, ix.refs, ix.dates,
                                                                               ix.strings, ix.quantities)))
                         prepared.append(PreparedRow(rt, rid, 0, "", "", {}, only, False))
+                        if RESOURCE_COLUMN_QUANTITY.get(rt) in params:
+                            values.append((*(ix.value or _NO_VALUE), rt, rid))
                     self._insert_index(tx, prepared)
+                    if values:
+                        tx.many("UPDATE resources SET value_num=?, value_system=?, value_code=?, value_unit=? "
+                                "WHERE resource_type=? AND id=?", values)
+                        values = []
                     last = rows[-1][0]
             tx.q("DELETE FROM reindex_params")
 

@@ -1,6 +1,12 @@
--- Number and quantity search parameters (https://hl7.org/fhir/R4/search.html#number, #quantity):
--- RiskAssessment `probability` and Observation `value-quantity`; number rows have no system, code or
--- unit ('').
+-- Number and quantity search parameters (https://hl7.org/fhir/R4/search.html#number, #quantity).
+-- Observation `value-quantity` (valueQuantity is 0..1) is denormalised onto the resource's own row, like
+-- `subject` and `date`: no index row per Observation (searches filter the rows their other parameters
+-- select). RiskAssessment `probability` (one per prediction, 0..*) gets idx_quantity rows; number rows
+-- have no system, code or unit ('').
+ALTER TABLE resources ADD COLUMN value_num DOUBLE PRECISION;
+ALTER TABLE resources ADD COLUMN value_system TEXT COLLATE "C";
+ALTER TABLE resources ADD COLUMN value_code TEXT COLLATE "C";
+ALTER TABLE resources ADD COLUMN value_unit TEXT COLLATE "C";
 CREATE TABLE idx_quantity (
     resource_type TEXT COLLATE "C" NOT NULL,
     resource_id   TEXT COLLATE "C" NOT NULL,
