@@ -138,15 +138,8 @@ def test_upgrade_from_schema_1_reindexes_existing_rows(dialect, request, tmp_pat
     """A database created by 0001 (resources + resource_tokens) upgrades in place: history rows,
     index rows and creation sequence numbers are built for the existing resources."""
     import orjson
-    from vigil_gateway import migrate as migrate_mod
-    from vigil_gateway import postgres_store, sqlite_store
 
-    url = f"sqlite:///{tmp_path}/old.db" if dialect == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    only_first = lambda d: migrate_mod.migration_files(d)[:1]
-    monkeypatch.setattr(sqlite_store, "migration_files", only_first)
-    monkeypatch.setattr(postgres_store, "migration_files", only_first)
-    old = build_store(url)
-    assert old.migrate() == 1
+    url, old = _store_at_schema(1, dialect, request, tmp_path, monkeypatch)
     body = obs("legacy")
     body["meta"] = {"versionId": "3", "lastUpdated": "2025-01-01T00:00:00.000000Z"}
     with _raw(old) as execute:
@@ -162,6 +155,21 @@ def test_upgrade_from_schema_1_reindexes_existing_rows(dialect, request, tmp_pat
     assert new.upsert_many([obs("fresh")]) == UpsertCounts(new=1)
     assert new.search("Observation", subject="Patient/p1")[0] == 2
     new.close()
+
+
+def _store_at_schema(version: int, dialect: str, request, tmp_path, monkeypatch):
+    """(url, store) of a new database migrated only up to `version`; the monkeypatch is undone by the
+    caller before it opens the store again (then every migration applies)."""
+    from vigil_gateway import migrate as migrate_mod
+    from vigil_gateway import postgres_store, sqlite_store
+
+    url = f"sqlite:///{tmp_path}/old.db" if dialect == "sqlite" else request.getfixturevalue("fresh_postgres_url")
+    first = lambda d: migrate_mod.migration_files(d)[:version]
+    monkeypatch.setattr(sqlite_store, "migration_files", first)
+    monkeypatch.setattr(postgres_store, "migration_files", first)
+    old = build_store(url)
+    assert old.migrate() == version
+    return url, old
 
 
 class _raw:
@@ -326,15 +334,8 @@ def test_upgrade_to_schema_5_indexes_new_parameters_of_stored_resources(dialect,
     """Resources stored before 0005 become searchable by value-quantity, risk, probability and performer
     when the store migrates (reindex_params), without duplicating the index rows they had."""
     import orjson
-    from vigil_gateway import migrate as migrate_mod
-    from vigil_gateway import postgres_store, sqlite_store
 
-    url = f"sqlite:///{tmp_path}/old.db" if dialect == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    first_four = lambda d: migrate_mod.migration_files(d)[:4]
-    monkeypatch.setattr(sqlite_store, "migration_files", first_four)
-    monkeypatch.setattr(postgres_store, "migration_files", first_four)
-    old = build_store(url)
-    assert old.migrate() == 4
+    url, old = _store_at_schema(4, dialect, request, tmp_path, monkeypatch)
     with _raw(old) as execute:
         for n, body in enumerate((obs("old-hr", value=150.0), risk("old-ra", 0.95, "high"))):
             body["meta"] = {"versionId": "1", "lastUpdated": "2026-01-01T11:00:00.000000Z"}
