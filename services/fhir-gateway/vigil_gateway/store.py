@@ -917,7 +917,6 @@ class SqlStore:
                     if values:
                         tx.many("UPDATE resources SET value_num=?, value_system=?, value_code=?, value_unit=? "
                                 "WHERE resource_type=? AND id=?", values)
-                        values = []
                     last = rows[-1][0]
             tx.q("DELETE FROM reindex_params")
 
