@@ -364,4 +364,19 @@ def test_upgrade_to_schema_5_indexes_new_parameters_of_stored_resources(dialect,
             [("RiskAssessment", "probability", 0.95)]
     assert new.migrate() == 5  # nothing pending any more
     assert _ids(new, "Observation", "value-quantity=gt140") == {"old-hr"}
+    # what a gateway of the previous release leaves behind during a rolling upgrade (docs/operations.md,
+    # Upgrade): no value columns, no risk row. Queuing the re-index again and migrating repairs it.
+    with _raw(new) as execute:
+        execute("UPDATE resources SET value_num=NULL, value_system=NULL, value_code=NULL, value_unit=NULL")
+        execute("DELETE FROM idx_token WHERE param='risk'")
+    assert _ids(new, "Observation", "value-quantity=gt140") == set() == _ids(new, "RiskAssessment", "risk=high")
+    with _raw(new) as execute:
+        execute("INSERT INTO reindex_params (resource_type, param) VALUES ('Observation', 'value-quantity'), "
+                "('RiskAssessment', 'risk'), ('RiskAssessment', 'probability'), ('RiskAssessment', 'performer')")
+    assert new.migrate() == 5
+    assert _ids(new, "Observation", "value-quantity=gt140") == {"old-hr"}
+    assert _ids(new, "RiskAssessment", "risk=high") == _ids(new, "RiskAssessment", "probability=gt0.9") == {"old-ra"}
+    with _raw(new) as execute:  # recomputed, not added twice
+        assert execute("SELECT COUNT(*) FROM idx_quantity").fetchone()[0] == 1
+        assert execute("SELECT COUNT(*) FROM idx_reference WHERE param='performer'").fetchone()[0] == 1
     new.close()
