@@ -102,10 +102,7 @@ class PostgresStore(SqlStore):
                                  (version, name, now_instant()))
             with conn.transaction():
                 version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
-        if version >= 2:
-            self._reindex_if_pending()
-        if version >= 5:
-            self._reindex_params()
+        self._reindex_after_migrate(version)
         return version
 
     # --- SqlStore hooks -----------------------------------------------------------------------

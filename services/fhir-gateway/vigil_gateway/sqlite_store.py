@@ -95,10 +95,7 @@ class SqliteStore(SqlStore):
                     conn.execute("ROLLBACK")
                     raise
             version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
-        if version >= 2:
-            self._reindex_if_pending()
-        if version >= 5:
-            self._reindex_params()
+        self._reindex_after_migrate(version)
         return version
 
     # --- SqlStore hooks -----------------------------------------------------------------------

@@ -497,7 +497,7 @@ def _token_match(alias: str, t: TokenFilter) -> tuple[str, list]:
 
 _IDX_TABLE = {"token": "idx_token", "reference": "idx_reference", "date": "idx_date", "string": "idx_string",
               "number": "idx_quantity", "quantity": "idx_quantity"}
-INDEX_TABLES = ("idx_token", "idx_reference", "idx_date", "idx_string", "idx_quantity")
+INDEX_TABLES = tuple(dict.fromkeys(_IDX_TABLE.values()))  # every index table, once
 _NO_VALUE = (None, None, None, None)  # resources.value_* of a resource without RESOURCE_COLUMN_QUANTITY
 
 
@@ -866,6 +866,14 @@ class SqlStore:
         if seqs:
             with self._write_tx() as tx:
                 tx.many("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+
+    def _reindex_after_migrate(self, version: int) -> None:
+        """What the migrations at `version` left for the store to compute in Python (both dialects'
+        migrate() end here): 0002's full re-index, then 0005's added parameters."""
+        if version >= 2:
+            self._reindex_if_pending()
+        if version >= 5:
+            self._reindex_params()
 
     def _reindex_if_pending(self) -> None:
         """After migration 0002 on a database with data: compute created_seq and index rows."""
